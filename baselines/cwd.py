@@ -4,9 +4,9 @@ Shape shorthand: ``N`` batch, ``C`` channels, ``H, W`` feature-map size, ``τ`` 
 
 Each channel map of a dense prediction or feature, ``y[n, c] ∈ R^{H·W}``, is turned into a distribution over
 its ``H·W`` locations with a temperature softmax, ``φ(y)_i = exp(y_i/τ) / Σ_j exp(y_j/τ)``, and the student's
-distribution is pulled towards the teacher's with a KL divergence::
+distribution is pulled towards the teacher's with a KL divergence (``S`` student, ``T`` teacher)::
 
-    L_cwd = loss_weight · τ² / (N·C) · Σ_{n,c} Σ_{i=1}^{H·W} φ(y^T_{n,c})_i · log( φ(y^T_{n,c})_i / φ(y^S_{n,c})_i )
+    L_cwd = loss_weight · τ²/(N·C) · Σ_{n,c} Σ_{i=1}^{H·W} φ(T_{n,c})_i · log(φ(T_{n,c})_i / φ(S_{n,c})_i)
 
 Normalisation: the per-channel KL is *summed* over locations and *averaged* over the ``N·C`` channel maps (not
 over ``N·C·H·W`` elements), then scaled by ``τ²`` (the usual gradient-magnitude correction of soft-target KD).
@@ -14,17 +14,17 @@ over ``N·C·H·W`` elements), then scaled by ``τ²`` (the usual gradient-magni
 Variants this module covers:
 
 * **mmrazor** ``ChannelWiseDivergence(tau, loss_weight)`` (open-mmlab/mmrazor, identical copy in hunto/MasKD):
-  the formula above with ``log_softmax``; the teacher is *not* detached (harmless in practice because the teacher
-  forward runs under ``no_grad``); it reshapes with ``.view`` so it needs contiguous input; one loss instance per
-  FPN level, summed by the distiller. ``channel_wise_divergence`` is this literal form (minus ``loss_weight``),
-  and ``ChannelWiseDivergence(detach_teacher=False)`` reproduces it exactly.
+  the formula above with ``log_softmax``; the teacher is *not* detached (harmless in practice because the
+  teacher forward runs under ``no_grad``); it reshapes with ``.view`` so it needs contiguous input; one loss
+  instance per FPN level, summed by the distiller. ``channel_wise_divergence`` is this literal form (minus
+  ``loss_weight``), and ``ChannelWiseDivergence(detach_teacher=False)`` reproduces it exactly.
 * **TorchDistiller** ``CriterionCWD(norm_type='channel', divergence='kl', temperature=τ)`` (the authors'
-  segmentation code): mathematically identical, but it detaches the teacher and takes ``log(softmax(·))`` instead
-  of ``log_softmax`` (less stable: ``-inf`` for extreme logits). ``ChannelWiseDivergence()`` (default
+  segmentation code): mathematically identical, but it detaches the teacher and takes ``log(softmax(·))``
+  instead of ``log_softmax`` (less stable: ``-inf`` for extreme logits). ``ChannelWiseDivergence()`` (default
   ``detach_teacher=True``) gives its value and its gradients while keeping the stable ``log_softmax``.
 
-Config values seen upstream: mmrazor FPN configs (Faster R-CNN / RetinaNet) ``tau=1, loss_weight=10`` on each of
-the 5 FPN levels; mmrazor PSPNet Cityscapes logits ``tau=1, loss_weight=5``; TorchDistiller usage example
+Config values seen upstream: mmrazor FPN configs (Faster R-CNN / RetinaNet) ``tau=1, loss_weight=10`` on each
+of the 5 FPN levels; mmrazor PSPNet Cityscapes logits ``tau=1, loss_weight=5``; TorchDistiller usage example
 (``exp_cwd.sh channel kl 3 4``) ``loss_weight=3, tau=4``.
 """
 
@@ -42,7 +42,8 @@ __all__ = ["ChannelWiseDivergence", "channel_wise_divergence"]
 def _check_pair(student: Tensor, teacher: Tensor, s_name: str, t_name: str) -> None:
     if not isinstance(student, Tensor) or not isinstance(teacher, Tensor):
         raise ValueError(
-            f"{s_name} and {t_name} must be tensors, got {type(student).__name__} and {type(teacher).__name__}"
+            f"{s_name} and {t_name} must be tensors, got {type(student).__name__} and "
+            f"{type(teacher).__name__}"
         )
     if student.dim() != 4:
         raise ValueError(f"{s_name} must be 4-D [N, C, H, W], got shape {tuple(student.shape)}")
@@ -59,8 +60,9 @@ def channel_wise_divergence(student_feats: Tensor, teacher_feats: Tensor, tau: f
     """Unweighted CWD of one level: ``τ²/(N·C) · Σ_{n,c} KL(φ(T_{n,c}/τ) ‖ φ(S_{n,c}/τ))``.
 
     Literal mmrazor form: ``softmax``/``log_softmax`` over the ``H·W`` locations of each channel, summed KL,
-    divided by ``N·C``, times ``τ²``. The teacher is **not** detached here (as in mmrazor); detach it yourself or
-    use :class:`ChannelWiseDivergence`. Unlike mmrazor it uses ``reshape``, so non-contiguous input is fine.
+    divided by ``N·C``, times ``τ²``. The teacher is **not** detached here (as in mmrazor); detach it yourself
+    or use :class:`ChannelWiseDivergence`. Unlike mmrazor it uses ``reshape``, so non-contiguous input is
+    fine.
 
     Args:
         student_feats: ``[N, C, H, W]`` student logits/features.
@@ -91,9 +93,9 @@ class ChannelWiseDivergence(nn.Module):
     ``forward(S, T) = loss_weight · Σ_l channel_wise_divergence(S_l, sg(T_l), tau)``, where ``S_l, T_l`` are
     ``[N, C_l, H_l, W_l]`` and ``sg`` (stop-gradient) applies only when ``detach_teacher=True``.
 
-    The per-level normalisation is ``τ²/(N·C_l)`` (see the module docstring); the ``loss_weight`` is applied to
-    every level, which equals mmrazor's detection configs (one ``ChannelWiseDivergence(tau, loss_weight)`` per
-    FPN level, summed by the distiller).
+    The per-level normalisation is ``τ²/(N·C_l)`` (see the module docstring); the ``loss_weight`` is applied
+    to every level, which equals mmrazor's detection configs (one ``ChannelWiseDivergence(tau, loss_weight)``
+    instance per FPN level, summed by the distiller).
 
     Args:
         tau: temperature (mmrazor/TorchDistiller default 1.0).

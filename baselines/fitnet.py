@@ -1,7 +1,7 @@
 """FitNet-style feature-imitation losses (Romero et al., ICLR 2015), in three upstream forms.
 
-Shape shorthand: ``N`` batch, ``C_s``/``C_t`` student/teacher channels, ``H, W`` feature-map size, ``l`` an FPN
-level. ``sg(·)`` is stop-gradient: every loss here detaches the teacher (upstream the teacher runs under
+Shape shorthand: ``N`` batch, ``C_s``/``C_t`` student/teacher channels, ``H, W`` feature-map size, ``l`` an
+FPN level. ``sg(·)`` is stop-gradient: every loss here detaches the teacher (upstream the teacher runs under
 ``no_grad``, so the values and student gradients are the same as the originals').
 
 Paper equation (hint loss with a regressor ``r``)::
@@ -15,14 +15,15 @@ which the dense-prediction KD literature (MasKD §5.4 of ``shared/paper_tables.m
 The three classes differ in the regressor and, above all, in the normalisation:
 
 * :class:`FitNetMSE` — the MasKD repo's "mimic" baseline (hunto/MasKD ``mmrazor/.../losses/mse.py`` with the
-  ``SingleTeacherDistiller`` align convs): a trainable 1×1 ``nn.Conv2d(C_s, C_t, 1)`` per level (PyTorch default
-  init), element-wise **mean** per level, levels **summed**, times ``loss_weight`` (1 in the mimic configs).
+  ``SingleTeacherDistiller`` align convs): a trainable 1×1 ``nn.Conv2d(C_s, C_t, 1)`` per level (PyTorch
+  default init), element-wise **mean** per level, levels **summed**, times ``loss_weight`` (1 in the mimic
+  configs).
 * :class:`MdistillerFitNet` — mdistiller's classification FitNet: ``ConvReg`` = conv (chosen from the spatial
   sizes) → ``BatchNorm2d(C_t)`` (batch statistics in train mode) → ReLU, element-wise **mean**, times
   ``feat_weight`` (100 in mdistiller). One hint layer, no levels.
 * :class:`MmrazorL2Loss` — mmrazor 1.x ``L2Loss`` (the FitNets configs use ``loss_weight=10``): each sample is
-  flattened and divided by its L2 norm, then the **sum** of squared differences is divided by ``N`` (not by the
-  number of elements). No regressor inside; pair it with your own connector.
+  flattened and divided by its L2 norm, then the **sum** of squared differences is divided by ``N`` (not by
+  the number of elements). No regressor inside; pair it with your own connector.
 """
 
 from __future__ import annotations
@@ -77,9 +78,13 @@ def _pair_levels(
             f"{type(student_feats).__name__} and {type(teacher_feats).__name__}"
         )
     if len(student_feats) != num_levels:
-        raise ValueError(f"student_feats has {len(student_feats)} levels, the loss was built for {num_levels}")
+        raise ValueError(
+            f"student_feats has {len(student_feats)} levels, the loss was built for {num_levels}"
+        )
     if len(teacher_feats) != num_levels:
-        raise ValueError(f"teacher_feats has {len(teacher_feats)} levels, the loss was built for {num_levels}")
+        raise ValueError(
+            f"teacher_feats has {len(teacher_feats)} levels, the loss was built for {num_levels}"
+        )
     pairs = []
     for i, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
         if not isinstance(s, Tensor) or not isinstance(t, Tensor):
@@ -104,9 +109,10 @@ def _mse(pred: Tensor, target: Tensor) -> Tensor:
 class FitNetMSE(nn.Module):
     """MasKD-repo "mimic" FitNet: ``loss_weight · Σ_l mean((align_l(S_l) − sg(T_l))²)``.
 
-    ``S_l``: ``[N, C_s,l, H_l, W_l]``; ``T_l``: ``[N, C_t,l, H_l, W_l]``; ``align_l = nn.Conv2d(C_s,l, C_t,l, 1)``
-    (PyTorch default init: kaiming_uniform(a=√5) weight, U(±1/√C_s) bias), trained with the student. The mean is
-    over the ``N·C_t·H_l·W_l`` elements of each level (``nn.MSELoss()``), the levels are summed (not averaged).
+    ``S_l``: ``[N, C_s,l, H_l, W_l]``; ``T_l``: ``[N, C_t,l, H_l, W_l]``;
+    ``align_l = nn.Conv2d(C_s,l, C_t,l, 1)`` (PyTorch default init: kaiming_uniform(a=√5) weight,
+    U(±1/√C_s) bias), trained with the student. The mean is over the ``N·C_t·H_l·W_l`` elements of each level
+    (``nn.MSELoss()``), the levels are summed (not averaged).
 
     Args:
         student_channels: ``C_s`` per level (an int for one level, or broadcast over ``teacher_channels``'s
@@ -117,7 +123,8 @@ class FitNetMSE(nn.Module):
             ``False`` uses identity (requires ``C_s == C_t``), i.e. the bare MasKD ``MSELoss``.
 
     ``forward(student_feats, teacher_feats)`` takes one tensor each (one level) or equally long sequences, and
-    returns a 0-dim tensor. ``ValueError`` names the offending tensor on channel, shape or level-count mismatch.
+    returns a 0-dim tensor. ``ValueError`` names the offending tensor on channel, shape or level-count
+    mismatch.
     """
 
     def __init__(
@@ -200,8 +207,8 @@ def _chw(shape: Sequence[int], name: str) -> tuple[int, int, int]:
 class MdistillerFitNet(nn.Module):
     """mdistiller FitNet: ``feat_weight · mean((relu(bn(conv(S))) − sg(T))²)``.
 
-    ``S``: ``[N, C_s, H_s, W_s]``; ``T``: ``[N, C_t, H_t, W_t]``. The regressor is mdistiller's ``ConvReg``; its
-    conv is chosen from the *heights* only, in this order:
+    ``S``: ``[N, C_s, H_s, W_s]``; ``T``: ``[N, C_t, H_t, W_t]``. The regressor is mdistiller's ``ConvReg``;
+    its conv is chosen from the *heights* only, in this order:
 
     * ``H_s == 2·H_t``: ``Conv2d(C_s, C_t, 3, stride=2, padding=1)``;
     * ``2·H_s == H_t``: ``ConvTranspose2d(C_s, C_t, 4, stride=2, padding=1)``;
@@ -210,8 +217,8 @@ class MdistillerFitNet(nn.Module):
 
     then ``BatchNorm2d(C_t)`` (train mode: batch statistics, as mdistiller trains it; eval mode: running
     statistics) and, with ``use_relu``, a ReLU. Normalisation: mean over ``N·C_t·H_t·W_t`` elements
-    (``F.mse_loss``), times ``feat_weight`` (``FITNET.LOSS.FEAT_WEIGHT = 100``). Unlike :class:`FitNetMSE`, the
-    regressor has BN+ReLU, the weight is 100 and there is a single hint layer.
+    (``F.mse_loss``), times ``feat_weight`` (``FITNET.LOSS.FEAT_WEIGHT = 100``). Unlike :class:`FitNetMSE`,
+    the regressor has BN+ReLU, the weight is 100 and there is a single hint layer.
 
     Submodules ``conv`` and ``bn`` give mdistiller's state_dict keys (``conv.weight``, ``conv.bias``,
     ``bn.weight``, ``bn.bias``, ``bn.running_mean``, ``bn.running_var``, ``bn.num_batches_tracked``).
@@ -297,12 +304,13 @@ class MmrazorL2Loss(nn.Module):
 
     * ``normalize=True``: each sample is flattened, ``x̂ = x / ‖x‖₂ · mult``. ``mult`` is ignored otherwise
       (the features are used as they are, unflattened).
-    * The reduction is the **sum** of squared differences, divided by ``N`` (``div_element=False``, the default)
-      or by the element count ``S.numel()`` (``div_element=True``); with ``dist=True`` it is instead
+    * The reduction is the **sum** of squared differences, divided by ``N`` (``div_element=False``, the
+      default) or by the element count ``S.numel()`` (``div_element=True``); with ``dist=True`` it is instead
       ``sqrt(Σ(ŝ − t̂)²)`` (``torch.dist(p=2)``, no division; its gradient is NaN when ``ŝ == t̂``).
     * Finally times ``loss_weight`` (10 in mmrazor's FitNets configs).
 
-    With ``normalize=True`` this is not FitNet's MSE: the loss is bounded (≤ 4·mult²·loss_weight) and scale-free.
+    With ``normalize=True`` this is not FitNet's MSE: the loss is bounded (≤ 4·mult²·loss_weight) and
+    scale-free.
 
     Literal behaviour kept: the norm has no epsilon, so an all-zero sample gives ``0/0 = NaN``. ``eps > 0``
     clamps the norm from below (``x / max(‖x‖₂, eps)``, as ``F.normalize``) for a safe variant. The teacher is
