@@ -1,0 +1,48 @@
+"""Sessions: ``tests`` (the CI gate), ``bench_losses`` (loss benchmark table), ``lint``.
+
+Virtualenvs are built by uv and reused (a torch venv is 5.5 GB; uv hard-links it from its cache in seconds, see
+shared ECOSYSTEM.md §2). Every session that imports torch installs the project itself, so a fresh clone needs only
+``pip install nox uv``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "uv|venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests"]
+
+PYTHON = "3.11"
+ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONHASHSEED": "0"}
+os.environ.update(ENV)
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """The test suite on all cores, one torch thread per xdist worker (tests/conftest.py)."""
+    session.install("-e", ".[test]")
+    session.run("pytest", "-n", "auto", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def bench_losses(session: nox.Session) -> None:
+    """Forward+backward time and peak memory of every loss: writes reports/bench_losses.{md,csv}."""
+    session.install("-e", ".")
+    session.run("python", "-m", "experiments.bench_losses", "--out", "reports", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def check_golden(session: nox.Session) -> None:
+    """The golden checker on the shipped reference cases (or on a directory given after ``--``)."""
+    session.install("-e", ".")
+    target = session.posargs or ["tests/data/reference"]
+    session.run("maskd-bench", "check-golden", *target, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", ".")
