@@ -1,0 +1,678 @@
+"""Teacher and student models for the MasKD comparison, built from torchvision classes only.
+
+Two tasks, each with a config dataclass, a builder, a feature declaration and a one-pass forward helper:
+
+* detection: torchvision ``RetinaNet`` (or ``FCOS``) on a ResNet + FPN (P3-P7). Distilled features are the
+  five FPN levels. :func:`detector_train_step` returns the task losses *and* those FPN features from one
+  forward, so a distillation step never runs the student backbone twice.
+* segmentation: torchvision ``DeepLabV3`` (ASPP head) on a dilated ResNet at output stride 8. Distilled
+  features are the pre-upsampling logits (``classifier``) and the last backbone stage.
+
+Nothing is pretrained here (no weights can be downloaded): every model starts from torchvision's random init,
+with trainable BatchNorm. The ResNet body keeps torchvision's module names, so at ``width=64`` its
+``state_dict`` keys and shapes equal ``torchvision.models.resnetXX`` (minus ``fc``) and ImageNet weights could
+be loaded later (with ``norm="frozen_batchnorm"``, as torchvision does for pretrained backbones).
+
+Shape shorthand: N images, K classes, C channels, (H, W) image size after the detector's resize and padding,
+(H_l, W_l) = ceil(H / stride_l), ceil(W / stride_l) for FPN level l.
+
+Class ids: the embedded benchmark uses COCO-style category ids 1..10 and ``num_classes=11``. torchvision's
+RetinaNet and FCOS use the label as a column index of a sigmoid classifier, so column 0 is never a positive
+(an unused output, as torchvision's 91-class COCO models leave unused ids); no background class is modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.retinanet import RetinaNetHead
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+from torchvision.models.segmentation import DeepLabV3
+from torchvision.models.segmentation.deeplabv3 import ASPP
+from torchvision.models.segmentation.fcn import FCNHead
+from torchvision.ops import FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+__all__ = [
+    "DEFAULT_DETECTION_STUDENT",
+    "DEFAULT_DETECTION_TEACHER",
+    "DEFAULT_SEGMENTATION_STUDENT",
+    "DEFAULT_SEGMENTATION_TEACHER",
+    "DetectorConfig",
+    "DetectorStep",
+    "FeatureSpec",
+    "ResNetBody",
+    "SegmenterConfig",
+    "build_detector",
+    "build_model",
+    "build_resnet_body",
+    "build_segmenter",
+    "count_parameters",
+    "detector_features_with_masked_forward",
+    "detector_train_step",
+    "feature_info",
+    "forward_features",
+    "fpn_levels",
+    "segmenter_forward",
+    "segmenter_masked_forward",
+]
+
+# ---------------------------------------------------------------------------------------------------------
+# ResNet body with a width knob and dilated BasicBlocks
+# ---------------------------------------------------------------------------------------------------------
+
+# name -> (block, blocks per stage). resnet10 is torchvision's ResNet(BasicBlock, [1, 1, 1, 1]).
+RESNET_LAYOUTS: dict[str, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
+    "resnet10": (BasicBlock, (1, 1, 1, 1)),
+    "resnet18": (BasicBlock, (2, 2, 2, 2)),
+    "resnet34": (BasicBlock, (3, 4, 6, 3)),
+    "resnet50": (Bottleneck, (3, 4, 6, 3)),
+    "resnet101": (Bottleneck, (3, 4, 23, 3)),  # the paper's segmentation teacher
+}
+
+NORM_LAYERS: dict[str, Callable[[int], nn.Module]] = {
+    # Trainable BN: everything here trains from scratch, and FrozenBatchNorm2d with its identity init would
+    # freeze an untrained affine. Frozen BN is what torchvision uses with pretrained backbones.
+    "batchnorm": nn.BatchNorm2d,
+    "frozen_batchnorm": FrozenBatchNorm2d,
+}
+
+
+def _check_choice(field: str, value: object, allowed: Sequence[object]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+class DilatedBasicBlock(BasicBlock):
+    """torchvision ``BasicBlock`` whose two 3x3 convs may be dilated.
+
+    torchvision's BasicBlock raises ``NotImplementedError`` for ``dilation > 1``, so ResNet-18/34 cannot be
+    run at output stride 8 with ``replace_stride_with_dilation``. The layers (and state_dict keys) are those
+    of BasicBlock; only the 3x3 convs are rebuilt with ``padding = dilation``, so the spatial size is kept.
+    """
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        dilation: int = 1,
+        norm_layer: Callable[[int], nn.Module] | None = None,
+    ) -> None:
+        super().__init__(inplanes, planes, stride, downsample, norm_layer=norm_layer)
+        if dilation > 1:
+            self.conv1 = conv3x3(inplanes, planes, stride, dilation=dilation)
+            self.conv2 = conv3x3(planes, planes, dilation=dilation)
+
+
+class ResNetBody(nn.Module):
+    """A torchvision ResNet without ``avgpool``/``fc``, with a width multiplier and dilation for any block.
+
+    Stage widths are ``width * (1, 2, 4, 8)`` (times 4 for Bottleneck); torchvision's ResNet is ``width=64``
+    and hard-codes it, which is why this class exists: a thin student (``width=16``/``32``) is the cheapest
+    way to make the student much cheaper than the teacher while the FPN stays the same width for both.
+    Module names (``conv1, bn1, relu, maxpool, layer1..layer4``) and their order follow torchvision, so
+    ``IntermediateLayerGetter`` works and, at ``width=64``, ImageNet state_dicts load (``strict=False``,
+    for the missing fc).
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck`` from ``torchvision.models.resnet``.
+        layers: blocks per stage.
+        width: channels of the stem and of ``layer1`` (before Bottleneck expansion).
+        dilate: for ``layer2..layer4``, replace the stride-2 by dilation (torchvision's
+            ``replace_stride_with_dilation``). ``(False, True, True)`` gives output stride 8.
+        norm_layer: normalisation constructor, e.g. ``nn.BatchNorm2d``.
+
+    Shapes: ``x`` [N, 3, H, W] -> ``layer4`` output [N, stage_channels[3], H / s, W / s] with s = 32, 16 or 8.
+    """
+
+    def __init__(
+        self,
+        block: type[nn.Module],
+        layers: Sequence[int],
+        width: int = 64,
+        dilate: Sequence[bool] = (False, False, False),
+        norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if len(layers) != 4 or len(dilate) != 3:
+            raise ValueError(f"expected 4 stages and 3 dilate flags, got layers={layers}, dilate={dilate}")
+        self._block = DilatedBasicBlock if block is BasicBlock else block
+        self._norm_layer = norm_layer
+        self.inplanes = width
+        self.dilation = 1
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.layer1 = self._make_stage(width, layers[0])
+        self.layer2 = self._make_stage(width * 2, layers[1], stride=2, dilate=dilate[0])
+        self.layer3 = self._make_stage(width * 4, layers[2], stride=2, dilate=dilate[1])
+        self.layer4 = self._make_stage(width * 8, layers[3], stride=2, dilate=dilate[2])
+        expansion = block.expansion
+        self.stage_channels = tuple(width * m * expansion for m in (1, 2, 4, 8))
+        # layer1 is at stride 4; each later stage doubles it unless dilated.
+        strides, stride = [4], 4
+        for flag in dilate:
+            stride *= 1 if flag else 2
+            strides.append(stride)
+        self.stage_strides = tuple(strides)
+
+        # torchvision ResNet's init, so a width-64 body starts from the same distribution.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_stage(self, planes: int, blocks: int, stride: int = 1, dilate: bool = False) -> nn.Sequential:
+        # Same rule as torchvision ResNet._make_layer: a dilated stage keeps stride 1, its first block uses
+        # the previous dilation and the later blocks the new one.
+        block, norm_layer = self._block, self._norm_layer
+        previous_dilation = self.dilation
+        if dilate:
+            self.dilation *= stride
+            stride = 1
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                conv1x1(self.inplanes, planes * block.expansion, stride), norm_layer(planes * block.expansion)
+            )
+        kwargs = {"dilation": previous_dilation, "norm_layer": norm_layer}
+        stage = [block(self.inplanes, planes, stride, downsample, **kwargs)]
+        self.inplanes = planes * block.expansion
+        kwargs["dilation"] = self.dilation
+        stage += [block(self.inplanes, planes, **kwargs) for _ in range(1, blocks)]
+        return nn.Sequential(*stage)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def build_resnet_body(
+    name: str, width: int = 64, dilate: Sequence[bool] = (False, False, False), norm: str = "batchnorm"
+) -> ResNetBody:
+    """Build the ResNet body named ``name`` (a key of :data:`RESNET_LAYOUTS`), randomly initialised."""
+    _check_choice("backbone", name, list(RESNET_LAYOUTS))
+    _check_choice("norm", norm, list(NORM_LAYERS))
+    block, layers = RESNET_LAYOUTS[name]
+    return ResNetBody(block, layers, width=width, dilate=dilate, norm_layer=NORM_LAYERS[norm])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Feature declarations
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Where a distilled feature comes from and its shape, without a forward pass (timm ``feature_info``).
+
+    ``module`` is the dotted submodule name (for ``model.get_submodule`` / ``FeatureRecorder``); ``key`` is
+    the entry of that module's dict output, or None when the module returns a tensor. The feature is
+    [N, channels, ceil(H / stride), ceil(W / stride)] for an input of spatial size (H, W) (for detectors, the
+    size after the model's resize and padding to a multiple of 32).
+    """
+
+    module: str
+    channels: int
+    stride: int
+    key: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Detection
+# ---------------------------------------------------------------------------------------------------------
+
+DETECTION_ARCHS = ("retinanet", "fcos")
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """A one-stage detector: ResNet body + FPN (P3-P7) + RetinaNet or FCOS head. Plain values only.
+
+    Paper scale (COCO): ``backbone="resnet50", width=64, fpn_channels=256, image_size=800`` (torchvision uses
+    min_size 800 / max_size 1333), ``anchor_sizes=(32, 64, 128, 256, 512)``. The embedded defaults below
+    scale these to 128x128 scenes.
+    """
+
+    arch: str = "retinanet"
+    backbone: str = "resnet18"
+    # Stem/layer1 channels of the ResNet body; torchvision's ResNet is 64. Thinner = cheaper student.
+    width: int = 64
+    # Same for teacher and student (as in the paper, both 256) so FPN features compare without an adapter.
+    fpn_channels: int = 64
+    # ResNet stages feeding the FPN: layer2..4 -> P3..P5 (strides 8..32); LastLevelP6P7 adds P6, P7.
+    returned_layers: tuple[int, ...] = (2, 3, 4)
+    # COCO-style ids 1..10, column 0 unused (see module docstring).
+    num_classes: int = 11
+    # Images are resized so min side = max side = image_size; torchvision's default 800/1333 would upsample
+    # 128-pixel scenes to 800 and cost ~10x (ECOSYSTEM.md section 4).
+    image_size: int = 128
+    # RetinaNet: anchor base size per level. torchvision's default is 4 x stride (32..512 for 800-pixel COCO
+    # images); 1 x stride fits digits of ~10-60 pixels in 128-pixel scenes. Each base x gets
+    # scales_per_octave sizes int(x * 2 ** (k / scales_per_octave)), k = 0.., times each aspect ratio.
+    # FCOS uses one "anchor" per location whose size sets the level's regression range (4x..8x the size);
+    # torchvision sets it to the stride, which is what anchor_sizes defaults to here.
+    anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
+    scales_per_octave: int = 3
+    aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # GroupNorm(32) in the RetinaNet head convs (torchvision's retinanet_resnet50_fpn_v2 does the same); the
+    # v1 head has no norm, which trains poorly from scratch. FCOS's head always has GroupNorm(32).
+    head_group_norm: bool = True
+    norm: str = "batchnorm"
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.5
+    detections_per_img: int = 100
+    topk_candidates: int = 1000
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, DETECTION_ARCHS)
+        _check_choice("backbone", self.backbone, list(RESNET_LAYOUTS))
+        _check_choice("norm", self.norm, list(NORM_LAYERS))
+        if not self.returned_layers or any(layer not in (1, 2, 3, 4) for layer in self.returned_layers):
+            raise ValueError(f"returned_layers must be ResNet stages in 1..4, got {self.returned_layers}")
+        num_levels = len(self.returned_layers) + 2
+        if len(self.anchor_sizes) != num_levels:
+            raise ValueError(
+                f"anchor_sizes has {len(self.anchor_sizes)} entries for {num_levels} FPN levels "
+                f"(returned_layers={self.returned_layers} + P6, P7)"
+            )
+        needs_gn = self.arch == "fcos" or self.head_group_norm
+        if needs_gn and self.fpn_channels % 32:
+            raise ValueError(
+                f"fpn_channels={self.fpn_channels} must be a multiple of 32 for GroupNorm(32) heads"
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.returned_layers) + 2
+
+    def level_strides(self) -> tuple[int, ...]:
+        """Stride of each FPN level: layer k is at 2 ** (k + 1); P6, P7 halve twice more."""
+        strides = [2 ** (layer + 1) for layer in self.returned_layers]
+        return (*strides, strides[-1] * 2, strides[-1] * 4)
+
+    def anchor_generator(self) -> AnchorGenerator:
+        """torchvision's ``_default_anchorgen`` rule on ``anchor_sizes`` (one square anchor for FCOS)."""
+        if self.arch == "fcos":
+            return AnchorGenerator(tuple((size,) for size in self.anchor_sizes), ((1.0,),) * self.num_levels)
+        sizes = tuple(
+            tuple(int(base * 2 ** (k / self.scales_per_octave)) for k in range(self.scales_per_octave))
+            for base in self.anchor_sizes
+        )
+        return AnchorGenerator(sizes, (tuple(self.aspect_ratios),) * self.num_levels)
+
+
+def _detector_backbone(cfg: DetectorConfig) -> BackboneWithFPN:
+    # torchvision's resnet_fpn_backbone hard-codes 256 FPN channels and width 64, so build the same
+    # BackboneWithFPN it builds from our body. All layers train (trainable_layers=5: from scratch).
+    body = build_resnet_body(cfg.backbone, width=cfg.width, norm=cfg.norm)
+    return_layers = {f"layer{layer}": str(i) for i, layer in enumerate(cfg.returned_layers)}
+    in_channels = [body.stage_channels[layer - 1] for layer in cfg.returned_layers]
+    # LastLevelP6P7(C, C): P6 is computed from P5 (torchvision's retinanet_resnet50_fpn). The original
+    # RetinaNet and mmdet use C5, a 3x3 conv from 8 x width (x4 for Bottleneck) channels instead.
+    extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
+    return BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
+
+
+def build_detector(cfg: DetectorConfig) -> RetinaNet | FCOS:
+    """Build a randomly initialised torchvision RetinaNet/FCOS described by ``cfg``.
+
+    ``model(images, targets)`` in train mode returns the loss dict (``classification``, ``bbox_regression``
+    [, ``bbox_ctrness``]); in eval mode a list of dicts ``boxes [D, 4] (xyxy, input pixels), scores [D],
+    labels [D]``. ``images`` is a list of [3, H, W] floats in [0, 1] (or a [N, 3, H, W] tensor); the model
+    normalises with ImageNet mean/std and resizes to ``image_size``.
+    """
+    backbone = _detector_backbone(cfg)
+    common = {
+        "min_size": cfg.image_size,
+        "max_size": cfg.image_size,
+        "anchor_generator": cfg.anchor_generator(),
+        "score_thresh": cfg.score_thresh,
+        "nms_thresh": cfg.nms_thresh,
+        "detections_per_img": cfg.detections_per_img,
+        "topk_candidates": cfg.topk_candidates,
+    }
+    if cfg.arch == "fcos":
+        return FCOS(backbone, cfg.num_classes, **common)
+    anchors_per_location = common["anchor_generator"].num_anchors_per_location()[0]
+    norm_layer = partial(nn.GroupNorm, 32) if cfg.head_group_norm else None
+    head = RetinaNetHead(cfg.fpn_channels, anchors_per_location, cfg.num_classes, norm_layer=norm_layer)
+    return RetinaNet(backbone, cfg.num_classes, head=head, **common)
+
+
+def fpn_levels(fpn_output: Mapping[str, Tensor]) -> list[Tensor]:
+    """The FPN's ``OrderedDict`` ('0', '1', '2', 'p6', 'p7') as a list [P3, ..., P7], each [N, C, H_l, W_l].
+
+    torchvision's FPN emits the levels fine to coarse in insertion order, which is also the order the
+    detection heads and anchor generator expect.
+    """
+    if isinstance(fpn_output, Tensor):
+        return [fpn_output]
+    levels = list(fpn_output.values())
+    for key, level in zip(fpn_output, levels, strict=True):
+        if not isinstance(level, Tensor) or level.dim() != 4:
+            raise TypeError(f"FPN output {key!r} is not a [N, C, H, W] tensor")
+    return levels
+
+
+def _level_names(cfg: DetectorConfig) -> list[str]:
+    return [f"P{layer + 1}" for layer in cfg.returned_layers] + [
+        f"P{cfg.returned_layers[-1] + 2}",
+        f"P{cfg.returned_layers[-1] + 3}",
+    ]
+
+
+class DetectorStep(NamedTuple):
+    """Everything one detector forward yields for a distillation step.
+
+    losses: torchvision's loss dict (scalar tensors).
+    features: FPN levels [P3..P7], each [N, fpn_channels, H_l, W_l] (the tensors the head consumed, with
+        their autograd graph).
+    targets: the targets after the model's transform: ``boxes`` [M, 4] in the coordinates of the resized,
+        padded batch (what FGD's foreground masks need), ``labels`` [M].
+    image_sizes: per-image (h, w) after resize, before padding.
+    batch_shape: (H, W) of the padded batch tensor (a multiple of 32).
+    """
+
+    losses: dict[str, Tensor]
+    features: list[Tensor]
+    targets: list[dict[str, Tensor]]
+    image_sizes: list[tuple[int, int]]
+    batch_shape: tuple[int, int]
+
+
+def _check_detector(model: nn.Module) -> None:
+    if not isinstance(model, RetinaNet | FCOS):
+        raise TypeError(f"expected a torchvision RetinaNet or FCOS, got {type(model).__name__}")
+
+
+def _check_targets(targets: Sequence[Mapping[str, Tensor]]) -> None:
+    # The same check torchvision's forward makes: a degenerate box would give NaN regression targets.
+    for index, target in enumerate(targets):
+        boxes = target["boxes"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target {index}: boxes must be [M, 4], got {tuple(boxes.shape)}")
+        degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+        if degenerate.any():
+            box = boxes[degenerate.nonzero()[0, 0]].tolist()
+            raise ValueError(f"target {index}: box {box} has no positive width/height")
+
+
+def _detector_losses(
+    model: RetinaNet | FCOS,
+    images: Sequence[Tensor] | Tensor,
+    targets: Sequence[Mapping[str, Tensor]],
+    transform_fpn: Callable[[list[Tensor]], list[Tensor]] | None,
+) -> DetectorStep:
+    # Mirrors RetinaNet.forward / FCOS.forward (torchvision 0.29) in training, keeping the intermediates.
+    # Note: in train mode model.transform draws one torch random number per image (torch_choice of min_size)
+    # even with a single size, so it advances the global RNG exactly as model(images, targets) does.
+    _check_detector(model)
+    _check_targets(targets)
+    image_list, targets_t = model.transform(list(images), [dict(t) for t in targets])
+    features = fpn_levels(model.backbone(image_list.tensors))
+    head_input = features
+    if transform_fpn is not None:
+        head_input = list(transform_fpn(features))
+        if [f.shape for f in head_input] != [f.shape for f in features]:
+            raise ValueError("transform_fpn must return one tensor per FPN level, each of its input's shape")
+    head_outputs = model.head(head_input)
+    anchors = model.anchor_generator(image_list, head_input)
+    if isinstance(model, FCOS):
+        num_anchors_per_level = [level.size(2) * level.size(3) for level in head_input]
+        losses = model.compute_loss(targets_t, head_outputs, anchors, num_anchors_per_level)
+    else:
+        losses = model.compute_loss(targets_t, head_outputs, anchors)
+    batch_shape = (image_list.tensors.shape[-2], image_list.tensors.shape[-1])
+    return DetectorStep(losses, features, targets_t, list(image_list.image_sizes), batch_shape)
+
+
+def detector_train_step(
+    model: RetinaNet | FCOS, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]]
+) -> DetectorStep:
+    """Task losses and FPN features of one forward (no second backbone pass for distillation).
+
+    ``losses`` equal ``model(images, targets)`` in train mode. Unlike ``model(...)`` it computes losses in
+    eval mode too (the mode then only switches BatchNorm to running statistics), which the MasKD mask-learning
+    stage needs for its frozen teacher.
+
+    Args:
+        images: N images [3, H, W] in [0, 1] (list or a [N, 3, H, W] tensor).
+        targets: N dicts with ``boxes`` [M, 4] (xyxy, input pixels) and ``labels`` [M] (int64).
+    """
+    return _detector_losses(model, images, targets, None)
+
+
+def detector_features_with_masked_forward(
+    model: RetinaNet | FCOS,
+    images: Sequence[Tensor] | Tensor,
+    targets: Sequence[Mapping[str, Tensor]],
+    transform_fpn: Callable[[list[Tensor]], list[Tensor]],
+) -> dict[str, Tensor]:
+    """Task losses with the FPN outputs replaced by ``transform_fpn(features)`` before the head.
+
+    MasKD stage 1 (mask learning) replaces the frozen teacher's FPN levels by their token-masked versions and
+    back-propagates the teacher's detection loss into the tokens. ``transform_fpn`` gets [P3..P7] (each
+    [N, C, H_l, W_l]) and must return the same shapes. With the identity the losses equal
+    :func:`detector_train_step`'s.
+    """
+    return _detector_losses(model, images, targets, transform_fpn).losses
+
+
+def forward_features(model: RetinaNet | FCOS, images: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """FPN levels [P3..P7] of a detector (its transform, then its backbone), each [N, C, H_l, W_l].
+
+    For the teacher in a distillation step (call it under ``torch.no_grad()``): no head, anchors or losses.
+    """
+    _check_detector(model)
+    image_list, _ = model.transform(list(images))
+    return fpn_levels(model.backbone(image_list.tensors))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------------------------------------
+
+SEGMENTATION_ARCHS = ("deeplabv3",)
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """DeepLabV3 (ASPP head) on a dilated ResNet. Plain values only.
+
+    Paper scale (Cityscapes, as in CIRKD/CWD/MasKD): teacher ``backbone="resnet101"``, student
+    ``"resnet18"``, ``width=64, aspp_channels=256`` (torchvision's DeepLabHead), ``atrous_rates=(12, 24, 36),
+    num_classes=19`` at 512x1024 crops. The embedded defaults scale these to 128x128 scenes.
+    """
+
+    arch: str = "deeplabv3"
+    backbone: str = "resnet18"
+    width: int = 64
+    # 11 = background + digits 0..9; the label 255 is ignored by the loss (not by the model).
+    num_classes: int = 11
+    # 8: layer3 and layer4 dilated (DeepLabV3 in the paper's setting); 16: only layer4; 32: none.
+    output_stride: int = 8
+    # torchvision's DeepLabHead hard-codes 256; the ASPP and the 3x3 conv after it cost ~1 GMAC per
+    # 128-pixel image at 256, so the embedded models use fewer.
+    aspp_channels: int = 256
+    # DeepLab's (12, 24, 36) are for 513-pixel crops at output stride 8 (65-pixel maps); a 128-pixel scene
+    # gives a 16-pixel map, where rate 36 only sees padding. Scale the rates with the map.
+    atrous_rates: tuple[int, ...] = (12, 24, 36)
+    # torchvision's FCNHead on layer3 (weight 0.4 in the paper's recipe); off by default.
+    aux_loss: bool = False
+    norm: str = "batchnorm"
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, SEGMENTATION_ARCHS)
+        _check_choice("backbone", self.backbone, list(RESNET_LAYOUTS))
+        _check_choice("norm", self.norm, list(NORM_LAYERS))
+        _check_choice("output_stride", self.output_stride, (8, 16, 32))
+
+    def dilate(self) -> tuple[bool, bool, bool]:
+        return {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[
+            self.output_stride
+        ]
+
+
+def _deeplab_head(
+    in_channels: int, num_classes: int, channels: int, atrous_rates: Sequence[int]
+) -> nn.Sequential:
+    # torchvision's DeepLabHead with its 256 channels made a parameter; same layers and state_dict keys
+    # (classifier.0 = ASPP, classifier.4 = the 1x1 conv giving the logits).
+    return nn.Sequential(
+        ASPP(in_channels, list(atrous_rates), out_channels=channels),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, num_classes, 1),
+    )
+
+
+def build_segmenter(cfg: SegmenterConfig) -> DeepLabV3:
+    """Build a randomly initialised torchvision ``DeepLabV3`` described by ``cfg``.
+
+    ``model(images)`` with images [N, 3, H, W] returns ``{"out": logits [N, K, H, W]}`` (plus ``"aux"`` with
+    ``aux_loss``), bilinearly upsampled from stride ``output_stride``. ``model.classifier`` outputs the
+    pre-upsampling logits [N, K, H/8, W/8] that MasKD distils. As in torchvision, the model does not normalise
+    its input: the caller feeds normalised images.
+    """
+    body = build_resnet_body(cfg.backbone, width=cfg.width, dilate=cfg.dilate(), norm=cfg.norm)
+    return_layers = {"layer4": "out"}
+    aux_classifier = None
+    if cfg.aux_loss:
+        return_layers["layer3"] = "aux"
+        aux_classifier = FCNHead(body.stage_channels[2], cfg.num_classes)
+    backbone = IntermediateLayerGetter(body, return_layers=return_layers)
+    classifier = _deeplab_head(body.stage_channels[3], cfg.num_classes, cfg.aspp_channels, cfg.atrous_rates)
+    model = DeepLabV3(backbone, classifier, aux_classifier)
+    # Recorded so feature_info-style consumers can read the stage layout off the model too.
+    model.stage_channels = body.stage_channels
+    return model
+
+
+def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
+    # Bilinear like torchvision's DeepLabV3.forward; any leading dims (e.g. [N, T, K, h, w]) are kept.
+    lead = logits.shape[:-3]
+    flat = logits.reshape(-1, *logits.shape[-3:])
+    up = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=False)
+    return up.reshape(*lead, *up.shape[-3:])
+
+
+def _segmenter_forward(
+    model: DeepLabV3, images: Tensor, transform_logits: Callable[[Tensor], Tensor] | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    if not isinstance(model, DeepLabV3):
+        raise TypeError(f"expected a torchvision DeepLabV3, got {type(model).__name__}")
+    size = images.shape[-2:]
+    features = model.backbone(images)
+    logits = model.classifier(features["out"])
+    extras = {"logits": logits, "backbone": features["out"]}
+    head_logits = logits if transform_logits is None else transform_logits(logits)
+    if model.aux_classifier is not None:
+        extras["aux_out"] = _upsample(model.aux_classifier(features["aux"]), size)
+    return _upsample(head_logits, size), extras
+
+
+def segmenter_forward(model: DeepLabV3, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """One forward without hooks: upsampled logits and the distillable features.
+
+    Args:
+        images: [N, 3, H, W], normalised.
+    Returns:
+        ``out`` [N, K, H, W] (equal to ``model(images)["out"]``) and a dict with ``logits`` [N, K, h, w]
+        (classifier output before upsampling, h = ceil(H / output_stride)), ``backbone`` [N, C4, h, w]
+        (layer4 output) and, with an aux head, ``aux_out`` [N, K, H, W].
+    """
+    return _segmenter_forward(model, images, None)
+
+
+def segmenter_masked_forward(
+    model: DeepLabV3, images: Tensor, transform_logits: Callable[[Tensor], Tensor]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Like :func:`segmenter_forward`, but upsamples ``transform_logits(logits)`` instead of ``logits``.
+
+    MasKD's segmentation stage 1 masks the frozen teacher's logits with the tokens and takes the CE of the
+    masked logits. ``transform_logits`` gets [N, K, h, w] and may return [..., K, h, w] (e.g. one masked copy
+    per token, [N, T, K, h, w]); the result is upsampled to [..., K, H, W]. The returned dict holds the
+    *unmasked* features, as in :func:`segmenter_forward`.
+    """
+    return _segmenter_forward(model, images, transform_logits)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------------------
+
+
+def feature_info(cfg: DetectorConfig | SegmenterConfig) -> dict[str, FeatureSpec]:
+    """Declared distillation features of the model ``cfg`` builds, in order (no forward needed).
+
+    Detection: ``P3``..``P7`` -> ``FeatureSpec("backbone.fpn", fpn_channels, 8..128, key "0".."p7")``.
+    Segmentation: ``logits`` -> ``("classifier", num_classes, output_stride)`` and
+    ``backbone`` -> ``("backbone.layer4", layer4 channels, output_stride)``.
+    """
+    if isinstance(cfg, DetectorConfig):
+        keys = [str(i) for i in range(len(cfg.returned_layers))] + ["p6", "p7"]
+        return {
+            name: FeatureSpec("backbone.fpn", cfg.fpn_channels, stride, key)
+            for name, stride, key in zip(_level_names(cfg), cfg.level_strides(), keys, strict=True)
+        }
+    if isinstance(cfg, SegmenterConfig):
+        block, _ = RESNET_LAYOUTS[cfg.backbone]
+        backbone_channels = cfg.width * 8 * block.expansion
+        return {
+            "logits": FeatureSpec("classifier", cfg.num_classes, cfg.output_stride),
+            "backbone": FeatureSpec("backbone.layer4", backbone_channels, cfg.output_stride),
+        }
+    raise TypeError(f"expected a DetectorConfig or SegmenterConfig, got {type(cfg).__name__}")
+
+
+def feature_shape(spec: FeatureSpec, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """[N, C, ceil(H / stride), ceil(W / stride)] for an (H, W) input (batch-padded for detectors).
+
+    Each stride-2 conv or pool of these models (k3 p1, k7 p3, k1 p0) maps a size h to ceil(h / 2).
+    """
+    return (batch, spec.channels, math.ceil(height / spec.stride), math.ceil(width / spec.stride))
+
+
+def build_model(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
+    """:func:`build_detector` or :func:`build_segmenter`, by config type."""
+    if isinstance(cfg, DetectorConfig):
+        return build_detector(cfg)
+    if isinstance(cfg, SegmenterConfig):
+        return build_segmenter(cfg)
+    raise TypeError(f"expected a DetectorConfig or SegmenterConfig, got {type(cfg).__name__}")
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (buffers such as BN running stats excluded)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Embedded-benchmark defaults (128x128 scenes, 2 CPU cores). Chosen by measured step time; see the report.
+# ---------------------------------------------------------------------------------------------------------
+
+DEFAULT_DETECTION_TEACHER = DetectorConfig(backbone="resnet18", width=64, fpn_channels=64)
+DEFAULT_DETECTION_STUDENT = DetectorConfig(backbone="resnet10", width=16, fpn_channels=64)
+DEFAULT_SEGMENTATION_TEACHER = SegmenterConfig(
+    backbone="resnet18", width=32, aspp_channels=64, atrous_rates=(3, 6, 9)
+)
+DEFAULT_SEGMENTATION_STUDENT = SegmenterConfig(
+    backbone="resnet10", width=16, aspp_channels=32, atrous_rates=(3, 6, 9)
+)
