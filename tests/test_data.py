@@ -88,9 +88,17 @@ def test_cache_root_env_override_and_created(cache):
     assert cache.is_dir()
 
 
-def test_cache_root_default_under_repo(monkeypatch):
+def test_cache_root_defaults(monkeypatch, tmp_path):
+    from experiments import paths
+
     monkeypatch.delenv("MASKD_BENCH_CACHE", raising=False)
-    assert cache_root() == repo_root() / ".cache" / "maskd-bench"
+    # Patched roots so the test creates nothing in the real checkout or home directory.
+    monkeypatch.setattr(paths, "repo_root", lambda: tmp_path / "repo")
+    assert cache_root() == tmp_path / "repo" / ".cache" / "maskd-bench"
+    monkeypatch.setattr(paths, "repo_root", lambda: None)  # installed non-editable
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root() == tmp_path / "home" / ".cache" / "maskd-bench"
+    assert cache_root().is_dir()
 
 
 # ---------------------------------------------------------------------------------------------- config
