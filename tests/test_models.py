@@ -186,6 +186,8 @@ def test_detector_config_validation_names_the_field():
         DetectorConfig(arch="fasterrcnn")
     with pytest.raises(ValueError, match="anchor_sizes has 4 entries for 5 FPN levels"):
         DetectorConfig(anchor_sizes=(8, 16, 32, 64))
+    with pytest.raises(ValueError, match="returned_layers must be consecutive"):
+        DetectorConfig(returned_layers=(2, 4))
     with pytest.raises(ValueError, match="fpn_channels=48 must be a multiple of 32"):
         DetectorConfig(fpn_channels=48)
     DetectorConfig(fpn_channels=48, head_group_norm=False)  # the plain RetinaNet head takes any width
