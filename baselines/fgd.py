@@ -334,9 +334,11 @@ def _attention_from_sums(abs_sum_c: Tensor, abs_sum_hw: Tensor, feat_hw, temp: f
 
 def _abs_sums(feats: Tensor) -> tuple[Tensor, Tensor]:
     """(sum_c |X| [N, HW], sum_hw |X| [N, C]) of X [N, C, HW], by plain autograd ops."""
-    abs_feats = torch.abs(feats)
-    ones = abs_feats.new_ones(1, 1, feats.shape[1]).expand(feats.shape[0], 1, feats.shape[1])
-    return torch.bmm(ones, abs_feats).squeeze(1), abs_feats.sum(dim=2)  # bmm: a strided sum is slower
+    n, c, _ = feats.shape
+    with torch.autocast(feats.device.type, enabled=False):  # a bf16 matmul would round the C-sum
+        abs_feats = torch.abs(feats)
+        ones = abs_feats.new_ones(1, 1, c).expand(n, 1, c)
+        return torch.bmm(ones, abs_feats).squeeze(1), abs_feats.sum(dim=2)  # bmm: a strided sum is slower
 
 
 class _FeatureStats(torch.autograd.Function):
@@ -362,7 +364,7 @@ class _FeatureStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, S, T, v, w_s, b_s, w_t, b_t):  # noqa: N803 (S, T as in the formulas)
+    def forward(ctx, S, T, v, w_s, b_s, w_t, b_t):
         n, c, hw = S.shape
         with torch.autocast(S.device.type, enabled=False):  # bf16 matmuls would round the long sums
             scratch = torch.abs(S)
@@ -378,7 +380,7 @@ class _FeatureStats(torch.autograd.Function):
             for feats, weight, bias in ((S, w_s, b_s), (T, w_t, b_t)):
                 logits = torch.bmm(weight.expand(n, 1, c), feats).squeeze(1) + bias  # 1x1 conv C -> 1
                 prob = F.softmax(logits, dim=1)  # [N, HW]
-                # ctx[n, c] = sum_hw X p; as p @ X^T, a much faster kernel than X @ p on CPU.
+                # context[n, c] = sum_hw X p, as p @ X^T: a much faster CPU kernel than X @ p.
                 contexts.append(torch.bmm(prob.unsqueeze(1), feats.transpose(1, 2)).squeeze(1))
                 probs.append(prob)
         ctx.save_for_backward(S, T, v, w_s, w_t, *probs)
@@ -387,12 +389,12 @@ class _FeatureStats(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_abs_c, g_abs_hw, g_energy, g_sq, g_lin, g_ctx_s, g_ctx_t):
-        S, T, v, w_s, w_t, p_s, p_t = ctx.saved_tensors  # noqa: N806
+        S, T, v, w_s, w_t, p_s, p_t = ctx.saved_tensors
         n, c, hw = S.shape
         need = ctx.needs_input_grad
         grads = [None] * 7
         with torch.autocast(S.device.type, enabled=False):
-            # Through ctx = sum_hw X p and p = softmax(w . X + b): dL/dlogit = p (g_p - sum_hw p g_p).
+            # Through context = sum_hw X p, p = softmax(w . X + b): dL/dlogit = p (g_p - sum_hw p g_p).
             g_logits = []
             for feats, prob, g_ctx in ((S, p_s, g_ctx_s), (T, p_t, g_ctx_t)):
                 g_prob = torch.bmm(g_ctx.unsqueeze(1), feats).squeeze(1)  # [N, HW]
