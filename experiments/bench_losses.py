@@ -8,17 +8,18 @@ project's default form (tokens frozen); ``mse`` is ``F.mse_loss`` summed over th
 
 Time: median of ``--repeats`` forward+backward passes after ``--warmup`` passes, all in one process, so the ratios
 compare like with like. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one pass; on the CPU, which
-has no allocator statistics, the rise of the peak resident set size (``ru_maxrss``) over one pass run in a fresh
-process after its inputs are built (``--memory-case``).
+has no allocator statistics, the peak resident set size above the resting one during one pass, in a fresh process
+after its inputs are built and one warm-up pass (``--memory-case``; the kernel's high-water mark is reset first).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gc
+import os
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -125,7 +126,13 @@ def build_case(loss: str, impl: str, device: str, dtype: torch.dtype) -> Callabl
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+    run.params = params  # type: ignore[attr-defined]
     return run
+
+
+def _clear_grads(run) -> None:
+    for p in run.params:
+        p.grad = None
 
 
 def time_case(run: Callable[[], None], warmup: int, repeats: int) -> float:
@@ -144,6 +151,7 @@ def peak_memory_mb(loss: str, impl: str, device: str, dtype: torch.dtype) -> flo
     if device.startswith("cuda"):
         run = build_case(loss, impl, device, dtype)
         run()
+        _clear_grads(run)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -151,16 +159,31 @@ def peak_memory_mb(loss: str, impl: str, device: str, dtype: torch.dtype) -> flo
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     cmd = [sys.executable, "-m", "experiments.bench_losses", "--memory-case", loss, impl,
            "--dtype", str(dtype).removeprefix("torch.")]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    # A fixed mmap threshold makes glibc return every large block to the kernel when it is freed, so RSS
+    # follows the live tensors instead of glibc's cache.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _memory_case(loss: str, impl: str, dtype: torch.dtype) -> float:
+    """Peak RSS above the resting RSS during one pass, with the kernel's high-water mark reset first
+    (``/proc/self/clear_refs``), after a warm-up pass so lazily built state is not counted."""
     run = build_case(loss, impl, "cpu", dtype)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024  # ru_maxrss is in KiB on Linux
+    _clear_grads(run)  # the warm-up's gradients would otherwise be freed inside the measured pass
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def environment(device: str, dtype: torch.dtype) -> dict[str, str]:
@@ -254,8 +277,9 @@ def write_reports(rows: list[Row], out_dir: Path, env: dict[str, str], warmup: i
         "into tokens and head); `fast`: this project's default (frozen tokens for `maskd`).",
         f"- Time: median of {rows[0].repeats if rows else 0} forward+backward passes after {warmup} warm-up passes, "
         "all cases in one process.",
-        "- Peak memory: CUDA `max_memory_allocated` over one pass; on the CPU the rise of peak RSS over one pass in a "
-        "fresh process after its inputs are built (an upper bound of the pass's own allocations).",
+        "- Peak memory: CUDA `max_memory_allocated` over one pass; on the CPU the peak RSS above the resting RSS "
+        "during one pass in a fresh process (inputs built, one warm-up pass, kernel high-water mark reset), with "
+        "glibc returning large blocks at once (`MALLOC_MMAP_THRESHOLD_`).",
     ]
     tmp_md.write_text("\n".join(lines) + "\n")
     tmp_csv.replace(csv_path)

@@ -243,5 +243,36 @@ class MasKDLoss(nn.Module):
         area = flat_masks.sum(-1) + self.area_eps  # [N, T]
         coef = weights.to(stat_dtype) / c if weights is not None else flat_masks.new_full((n, num_tokens), 1.0 / (num_tokens * c))
         pixel_weights = torch.einsum("nt,ntl->nl", coef / area, flat_masks.pow(self.mask_power))  # [N, L]
-        sq_err = (student - teacher).pow(2).sum(1).reshape(n, h * w)  # [N, L]
-        return (pixel_weights.to(sq_err.dtype) * sq_err).sum() / n
+        pixel_weights = pixel_weights.reshape(n, 1, h, w).to(student.dtype)
+        if pixel_weights.requires_grad:  # unfrozen tokens: let autograd reach them through the weights
+            return (pixel_weights * (student - teacher).pow(2)).sum() / n
+        return _WeightedSquaredError.apply(student, teacher, pixel_weights) / n
+
+
+class _WeightedSquaredError(torch.autograd.Function):
+    """``sum_{n,c,h,w} P[n,h,w] (S - F)^2`` for constant pixel weights P, with one full-size temporary.
+
+    Forward keeps ``D = S - F`` and reduces it over channels with a norm (no second full-size tensor);
+    backward turns the saved ``D`` into the gradient ``2 P D`` in place. Autograd on the plain expression would
+    allocate and traverse three more full-size tensors, which dominates the time on the CPU. As the buffer is
+    reused, this graph supports a single backward pass (``retain_graph=True`` then raises).
+    """
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, pixel_weights: Tensor) -> Tensor:
+        diff = student - teacher  # [N, C, H, W]
+        sq_norm = torch.linalg.vector_norm(diff, dim=1, keepdim=True).square()  # [N, 1, H, W]
+        ctx.save_for_backward(diff, pixel_weights)
+        ctx.used = False
+        return (sq_norm * pixel_weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        if ctx.used:
+            raise RuntimeError("MasKDLoss(impl='fast', frozen=True) supports one backward pass per forward")
+        ctx.used = True
+        diff, pixel_weights = ctx.saved_tensors
+        grad = diff.mul_(pixel_weights * (2 * grad_out))  # reuses D's buffer
+        grad_student = grad if ctx.needs_input_grad[0] else None
+        grad_teacher = (-grad if grad_student is not None else grad.neg_()) if ctx.needs_input_grad[1] else None
+        return grad_student, grad_teacher, None

@@ -260,3 +260,41 @@ def test_constructor_errors():
         MasKDLoss([8], impl="quick")
     with pytest.raises(ValueError, match="num_tokens=0"):
         ReceptiveTokens(8, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), tokens=st.integers(1, 5), height=st.integers(1, 7), width=st.integers(1, 7),
+       weight_head=st.booleans(), mask_power=st.sampled_from([1, 2]))
+def test_frozen_fast_path_equals_literal(seed, tokens, height, width, weight_head, mask_power):
+    """The frozen fast path (custom autograd function) against the literal form, value and student gradient."""
+    losses = {impl: _random_loss(seed, 2, 6, tokens, weight_head, True, "detection", True, impl, mask_power).double()
+              for impl in ("fast", "literal")}
+    g = torch.Generator().manual_seed(seed)
+    teacher = [torch.randn(2, 6, max(1, height >> i), max(1, width >> i), generator=g, dtype=torch.float64)
+               for i in range(2)]
+    student = [0.6 * t + 0.8 * torch.randn(t.shape, generator=g, dtype=torch.float64) for t in teacher]
+    out = {}
+    for impl, loss in losses.items():
+        leaves = [s.clone().requires_grad_() for s in student]
+        value = loss(leaves, teacher, step=3)
+        value.backward()
+        out[impl] = (value.detach(), [leaf.grad for leaf in leaves])
+    torch.testing.assert_close(out["fast"][0], out["literal"][0], rtol=1e-12, atol=1e-14)
+    for a, b in zip(out["fast"][1], out["literal"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+
+
+def test_frozen_fast_path_gradient_to_an_undetached_teacher():
+    loss = MasKDLoss([8], 4, detach_teacher=False).double()
+    s, t = (x.double().requires_grad_() for x in _pair())
+    loss(s, t, step=0).backward()
+    torch.testing.assert_close(t.grad, -s.grad)
+
+
+def test_frozen_fast_path_refuses_a_second_backward():
+    loss = MasKDLoss([8], 4)
+    s, t = _pair()
+    value = loss(s.requires_grad_(), t, step=0)
+    value.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        value.backward()

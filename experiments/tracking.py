@@ -1,0 +1,184 @@
+"""MLflow tracking: a real store (``sqlite:///mlflow.db`` at the repository root by default, or any tracking URI,
+including an ``mlflow server`` over HTTP), runs that end FINISHED or FAILED and never stay RUNNING, and reuse of
+finished runs by config hash.
+
+Tags written on every run: ``kind`` (table, teacher, tokens, student), ``task``, ``method``, ``seed``,
+``config_hash``, ``git_commit``, ``host``, ``pid`` and the versions of torch, torchvision and mlflow.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run, RunStatus
+from mlflow.tracking import MlflowClient
+
+from .paths import repo_root
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+EXPERIMENT = "maskd-embedded"
+
+
+def default_tracking_uri() -> str:
+    root = repo_root() or Path.cwd()
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    root = repo_root()
+    if root is None:
+        return "unknown"
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
+        commit = out.stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags() -> dict[str, str]:
+    import torch
+    import torchvision
+
+    return {
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "pid": str(os.getpid()),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "mlflow_version": mlflow.__version__,
+        "python_version": platform.python_version(),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+
+
+class Tracker:
+    """One MLflow experiment on one tracking URI."""
+
+    def __init__(self, tracking_uri: str | None = None, experiment: str = EXPERIMENT) -> None:
+        self.uri = tracking_uri or default_tracking_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        mlflow.set_experiment(experiment_id=self.experiment_id)
+        self._env = environment_tags()
+
+    # ---------------------------------------------------------------------------------------- queries
+    def find_finished(self, config_hash: str, kind: str) -> Run | None:
+        """The newest FINISHED run of ``kind`` with ``config_hash`` that is not itself a reuse record."""
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.config_hash = '{config_hash}' and tags.kind = '{kind}' "
+                          f"and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=20,
+        )
+        for run in runs:
+            if "reused_from" not in run.data.tags:
+                return run
+        return None
+
+    def children(self, parent_run_id: str) -> list[Run]:
+        return self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
+        )
+
+    def fail_stale_runs(self) -> list[str]:
+        """Mark RUNNING runs whose process is gone (same host, pid not alive) as FAILED. Returns their ids."""
+        host = socket.gethostname()
+        stale = []
+        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                           max_results=5000):
+            tags = run.data.tags
+            if tags.get("host") != host or not tags.get("pid", "").isdigit():
+                continue
+            pid = int(tags["pid"])
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+                continue  # still alive: someone else's run in progress
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            self.client.set_tag(run.info.run_id, "failure", "process ended without closing the run")
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+            stale.append(run.info.run_id)
+        return stale
+
+    # ---------------------------------------------------------------------------------------- runs
+    @contextmanager
+    def run(self, name: str, tags: Mapping[str, Any], params: Mapping[str, Any] | None = None,
+            parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+        """Start a run (nested under ``parent_run_id`` if given). It ends FINISHED when the block completes and
+        FAILED (with the error as a tag) when it raises, KeyboardInterrupt and SystemExit included."""
+        all_tags = {**self._env, **{k: str(v) for k, v in tags.items()}}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
+        run_id = run.info.run_id
+        try:
+            if params:
+                self.log_params(run_id, params)
+            with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as active:
+                yield active
+        except BaseException as exc:
+            self.client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
+            self.client.set_terminated(run_id, status="FAILED")
+            raise
+        else:
+            # start_run's context has already ended the run FINISHED; make sure of it.
+            if self.client.get_run(run_id).info.status != "FINISHED":
+                self.client.set_terminated(run_id, status="FINISHED")
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        ts = int(time.time() * 1000)
+        items = [mlflow.entities.Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000], synchronous=True)
+
+    def record_reuse(self, source: Run, name: str, parent_run_id: str, extra_tags: Mapping[str, Any] = ()) -> str:
+        """A FINISHED child under ``parent_run_id`` that points at ``source`` and copies its final metrics and
+        params, so each table's parent holds every run the table uses."""
+        tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
+        tags.update({k: str(v) for k, v in dict(extra_tags).items()})
+        tags.update({"reused_from": source.info.run_id, "mlflow.parentRunId": parent_run_id})
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self.log_params(run.info.run_id, source.data.params)
+        self.log_metrics(run.info.run_id, source.data.metrics)
+        self.client.set_terminated(run.info.run_id, status="FINISHED")
+        return run.info.run_id
+
+    def download(self, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+        dst = dst or Path(tempfile.mkdtemp(prefix="maskd-artifact-"))
+        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                        dst_path=str(dst), tracking_uri=self.uri))
+
+
+def run_status(client: MlflowClient, run_id: str) -> str:
+    return client.get_run(run_id).info.status
+
+
+__all__ = ["EXPERIMENT", "Tracker", "RunStatus", "default_tracking_uri", "environment_tags", "git_commit"]
