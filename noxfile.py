@@ -46,3 +46,19 @@ def check_golden(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
+
+
+@nox.session(python=PYTHON)
+def reproduce_table(session: nox.Session) -> None:
+    """The embedded main table: reports/embedded/main_table.{md,csv}. ``-- --profile smoke`` for a quick run."""
+    session.install("-e", ".")
+    session.run("maskd-bench", "reproduce", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def mlflow_ui(session: nox.Session) -> None:
+    """The MLflow UI on the repository's store, lean settings for a small machine (ECOSYSTEM.md §1)."""
+    session.install("-e", ".")
+    session.run("mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1",
+                "--port", "5000", "--workers", "1", *session.posargs,
+                env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})

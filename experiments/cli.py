@@ -2,13 +2,32 @@
 
     maskd-bench check-golden DIR [--impl fast|literal|both]   compare every loss with the reference cases in DIR
     maskd-bench bench-losses [--out reports]                  the loss benchmark (same as ``nox -s bench_losses``)
+    maskd-bench reproduce [--profile default|smoke]           the embedded main table (``nox -s reproduce_table``)
+    maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
+    maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
+    maskd-bench manifests                                     the shipped manifests
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 from pathlib import Path
+
+
+def _terminate(signum, _frame):  # SIGTERM -> SystemExit, so open MLflow runs end FAILED, not RUNNING
+    raise SystemExit(128 + signum)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    from experiments.manifest import _merge, parse_override
+
+    out: dict = {}
+    for pair in pairs or []:
+        out = _merge(out, parse_override(pair))
+    return out
 
 
 def _check_golden(args: argparse.Namespace) -> int:
@@ -35,6 +54,55 @@ def _bench_losses(args: argparse.Namespace) -> int:
     return bench_main(args.rest)
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from experiments.reproduce import reproduce
+
+    csv_path, md_path, parent = reproduce(args.profile, args.tracking_uri, args.out, progress=not args.no_progress,
+                                          reuse=not args.no_reuse)
+    print(md_path.read_text())
+    print(f"wrote {md_path} and {csv_path} (MLflow parent run {parent})")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from experiments.manifest import load_manifest
+    from experiments.pipeline import Pipeline, count_stages
+    from experiments.tracking import Tracker
+    from tqdm import tqdm
+
+    manifest = load_manifest(args.manifest, _overrides(args.set))
+    methods = args.methods or None
+    tracker = Tracker(args.tracking_uri)
+    tracker.fail_stale_runs()
+    pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
+    tags = {"kind": "manifest", "task": manifest.task, "method": "all", "seed": "all", "config_hash": "manifest"}
+    with tracker.run(f"manifest/{manifest.name}", tags, manifest.flat()) as parent:
+        total = count_stages(manifest, methods, args.seeds)
+        with tqdm(total=total, desc=manifest.name, unit="run", disable=args.no_progress) as overall:
+            outcomes = pipeline.run_manifest(manifest, parent.info.run_id, methods, args.seeds, overall)
+    metric = "mAP" if manifest.task == "detection" else "mIoU"
+    for name, outcome in outcomes.items():
+        print(f"{name:16s} {metric} {outcome.metrics.get(metric, float('nan')):7.2f}  run {outcome.run_id}"
+              + ("  (reused)" if outcome.reused else ""))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from experiments.manifest import load_manifest
+
+    print(json.dumps(load_manifest(args.manifest, _overrides(args.set)).to_dict(), indent=2))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from experiments.manifest import load_manifest, shipped_manifests
+
+    for name in shipped_manifests():
+        m = load_manifest(name)
+        print(f"{name:34s} {m.task:13s} {m.paper_row}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="maskd-bench",
@@ -56,12 +124,55 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench-losses", help="loss benchmark (fast vs literal vs mse)", add_help=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench_losses)
+
+    def tracking_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--tracking-uri", default=None,
+                       help="MLflow tracking URI (default: sqlite:///mlflow.db at the repository root; "
+                            "http://127.0.0.1:5000 for an mlflow server)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.add_argument("--no-reuse", action="store_true", help="recompute runs even if a finished one matches")
+
+    rep = sub.add_parser("reproduce", help="the embedded main table (runs or reuses every stage)",
+                         description="Run or reuse everything for the embedded main table and write "
+                                     "main_table.md/.csv from MLflow.")
+    rep.add_argument("--profile", choices=["default", "smoke"], default="default",
+                     help="default: the full table (~45 min on 2 cores); smoke: every row in about 3 min, "
+                          "meaningless numbers (written under reports/embedded/smoke/)")
+    rep.add_argument("--out", type=Path, default=None, help="directory for main_table.md/.csv")
+    tracking_args(rep)
+    rep.set_defaults(func=_reproduce)
+
+    run = sub.add_parser("run", help="run one manifest (teacher, tokens, every method x seed)")
+    run.add_argument("manifest", help="a shipped manifest name (see `maskd-bench manifests`) or a .toml path")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a manifest value, e.g. --set student_train.iterations=100 (repeatable)")
+    run.add_argument("--methods", nargs="+", choices=["baseline", "fitnet", "cwd", "fgd", "maskd"])
+    run.add_argument("--seeds", nargs="+", type=int)
+    tracking_args(run)
+    run.set_defaults(func=_run)
+
+    show = sub.add_parser("show", help="print a resolved manifest")
+    show.add_argument("manifest")
+    show.add_argument("--set", action="append", metavar="KEY=VALUE")
+    show.set_defaults(func=_show)
+
+    lst = sub.add_parser("manifests", help="list the shipped manifests")
+    lst.set_defaults(func=_list)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return args.func(args)
+    except Exception as exc:  # one-line errors for bad input (manifests, checkpoints, shapes)
+        from experiments.manifest import ManifestError
+
+        if isinstance(exc, ManifestError | FileNotFoundError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

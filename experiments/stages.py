@@ -252,6 +252,17 @@ def train_teacher(manifest: Manifest, role: str, seed: int, log: MetricLogger, p
     return StageResult(metrics, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
+def evaluate_state(manifest: Manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True
+                   ) -> StageResult:
+    """Evaluate a cached checkpoint (no training): the metrics a training run would have logged, bar timing."""
+    model = load_model(manifest, role, state_dict)
+    _, val_set, gt = datasets(manifest)
+    metrics = evaluate(model, manifest, val_set, gt, progress=progress)
+    metrics["params"] = float(count_parameters(model))
+    metrics["added_params"] = 0.0
+    return StageResult(metrics, state_dict)
+
+
 def load_model(manifest: Manifest, role: str, state_dict: dict[str, Tensor]) -> nn.Module:
     model = build_model(model_config(manifest, role))
     model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,234 @@
+"""Runs manifests through the stages with MLflow tracking and reuse by config hash.
+
+A table is one parent run; under it one child run per stage, method and seed. A child whose config hash matches a
+FINISHED run of an earlier table is not recomputed: a small child pointing at it (tag ``reused_from``) with its
+metrics copied is recorded instead, so every table's parent holds every run the table is built from.
+Teachers and tokens are also cached on disk by hash (``cache_root()/checkpoints``), so a fresh MLflow store
+re-evaluates a cached teacher instead of retraining it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from mlflow.entities import Run
+from tqdm import tqdm
+
+from . import stages
+from .figures import mask_grid_png
+from .manifest import Manifest, digest
+from .paths import cache_root
+from .tracking import Tracker
+
+#: Bump when a stage's code changes what it computes, so old runs are not reused.
+STAGE_VERSION = 1
+
+
+# ------------------------------------------------------------------------------------------ hashes
+def _asdict(obj: Any) -> Any:
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def teacher_hash(m: Manifest) -> str:
+    return digest({"v": STAGE_VERSION, "stage": "teacher", "task": m.task, "data": _asdict(m.data),
+                   "model": _asdict(m.teacher), "train": _asdict(m.teacher_train), "seed": 0})
+
+
+def tokens_hash(m: Manifest) -> str:
+    return digest({"v": STAGE_VERSION, "stage": "tokens", "teacher": teacher_hash(m), "tokens": _asdict(m.tokens),
+                   "features": m.features_for("maskd"), "seed": 0})
+
+
+def student_hash(m: Manifest, method: str, seed: int) -> str:
+    spec: dict[str, Any] = {"v": STAGE_VERSION, "stage": "student", "task": m.task, "data": _asdict(m.data),
+                            "model": _asdict(m.student), "train": _asdict(m.student_train), "method": method,
+                            "seed": seed}
+    if method != "baseline":
+        spec.update(teacher=teacher_hash(m), features=m.features_for(method), align=m.distill.align,
+                    cfg=_asdict(getattr(m, method)))
+    if method == "maskd":
+        spec["tokens"] = tokens_hash(m) if m.maskd.masks == "learned" else {
+            "num_tokens": m.tokens.num_tokens, "weight_head": m.tokens.weight_head}
+    return digest(spec)
+
+
+# ------------------------------------------------------------------------------------------ running
+@dataclass
+class StageOutcome:
+    run_id: str
+    metrics: dict[str, float]
+    state_dict: dict[str, torch.Tensor] | None
+    reused: bool
+
+
+class Pipeline:
+    """Runs stages under a parent run; ``progress`` shows bars with ETA for every stage."""
+
+    def __init__(self, tracker: Tracker, progress: bool = True, reuse: bool = True) -> None:
+        self.tracker = tracker
+        self.progress = progress
+        self.reuse = reuse
+        self.checkpoints = cache_root() / "checkpoints"
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _logger(self, run_id: str) -> Callable[[dict[str, float], int], None]:
+        return lambda values, step: self.tracker.log_metrics(run_id, values, step)
+
+    def _save_checkpoint(self, state: dict[str, torch.Tensor], config_hash: str, name: str) -> Path:
+        path = self.checkpoints / f"{name}-{config_hash}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+        return path
+
+    def _checkpoint(self, run: Run | None, config_hash: str, name: str) -> dict[str, torch.Tensor] | None:
+        """The cached checkpoint of ``name``/``config_hash``, from disk or the run's artifacts; None if neither."""
+        path = self.checkpoints / f"{name}-{config_hash}.pt"
+        if not path.is_file() and run is not None:
+            try:
+                downloaded = self.tracker.download(run.info.run_id, f"checkpoint/{name}.pt")
+                downloaded.replace(path)
+            except Exception:  # artifact missing or store moved: the stage is recomputed
+                return None
+        if not path.is_file():
+            return None
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def _common_tags(self, m: Manifest, kind: str, method: str, seed: int, config_hash: str) -> dict[str, str]:
+        return {"kind": kind, "task": m.task, "method": method, "seed": str(seed), "config_hash": config_hash,
+                "manifest": m.name, "stage_version": str(STAGE_VERSION)}
+
+    def _log_manifest(self, run_id: str, m: Manifest) -> None:
+        self.tracker.client.log_dict(run_id, m.to_dict(), "manifest.json")
+
+    # ---------------------------------------------------------------------------------------- stages
+    def teacher(self, m: Manifest, parent_id: str) -> StageOutcome:
+        h = teacher_hash(m)
+        tags = self._common_tags(m, "teacher", "teacher", 0, h)
+        found = self.tracker.find_finished(h, "teacher") if self.reuse else None
+        state = self._checkpoint(found, h, "teacher") if found else None
+        if found and state is not None:
+            rid = self.tracker.record_reuse(found, f"{m.task}/teacher", parent_id)
+            return StageOutcome(rid, dict(found.data.metrics), state, True)
+        cached = self._checkpoint(None, h, "teacher") if self.reuse else None
+        with self.tracker.run(f"{m.task}/teacher", tags, m.flat(), parent_id) as active:
+            rid = active.info.run_id
+            self._log_manifest(rid, m)
+            if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
+                self.tracker.client.set_tag(rid, "from_cache", "true")
+                result = stages.evaluate_state(m, "teacher", cached, self.progress)
+            else:
+                result = stages.train_teacher(m, "teacher", 0, self._logger(rid), self.progress)
+            path = self._save_checkpoint(result.state_dict, h, "teacher")
+            self._log_artifact_as(rid, path, "checkpoint", "teacher.pt")
+            self.tracker.log_metrics(rid, result.metrics)
+        return StageOutcome(rid, result.metrics, result.state_dict, False)
+
+    def tokens(self, m: Manifest, teacher_state: dict[str, torch.Tensor], parent_id: str) -> StageOutcome:
+        h = tokens_hash(m)
+        tags = self._common_tags(m, "tokens", "maskd", 0, h)
+        found = self.tracker.find_finished(h, "tokens") if self.reuse else None
+        state = self._checkpoint(found, h, "tokens") if found else None
+        if found and state is not None:
+            rid = self.tracker.record_reuse(found, f"{m.task}/tokens", parent_id)
+            return StageOutcome(rid, dict(found.data.metrics), state, True)
+        with self.tracker.run(f"{m.task}/tokens", tags, m.flat(), parent_id) as active:
+            rid = active.info.run_id
+            self._log_manifest(rid, m)
+            result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
+            path = self._save_checkpoint(result.state_dict, h, "tokens")
+            self._log_artifact_as(rid, path, "checkpoint", "tokens.pt")
+            self.tracker.log_metrics(rid, result.metrics)
+            teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
+            learner = stages.build_mask_learner(m)
+            learner.load_state_dict(result.state_dict)
+            _, val_set, _ = stages.datasets(m)
+            self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
+        return StageOutcome(rid, result.metrics, result.state_dict, False)
+
+    def student(self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str
+                ) -> StageOutcome:
+        h = student_hash(m, method, seed)
+        tags = self._common_tags(m, "student", method, seed, h)
+        found = self.tracker.find_finished(h, "student") if self.reuse else None
+        if found is not None:
+            rid = self.tracker.record_reuse(found, f"{m.task}/{method}/s{seed}", parent_id)
+            return StageOutcome(rid, dict(found.data.metrics), None, True)
+        with self.tracker.run(f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
+            rid = active.info.run_id
+            self._log_manifest(rid, m)
+            result = stages.train_student(m, method, seed, teacher_state, token_state, self._logger(rid),
+                                          self.progress)
+            self.tracker.log_metrics(rid, result.metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = Path(tmp) / "student.pt"
+                torch.save(result.state_dict, path)
+                self.tracker.client.log_artifact(rid, str(path), "checkpoint")
+            if "masks" in result.extra:
+                self._log_masks(rid, result.extra["masks"], m)
+        return StageOutcome(rid, result.metrics, None, False)
+
+    def _log_artifact_as(self, run_id: str, path: Path, artifact_dir: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            target.write_bytes(path.read_bytes())
+            self.tracker.client.log_artifact(run_id, str(target), artifact_dir)
+
+    def _log_masks(self, run_id: str, images_and_masks, m: Manifest) -> None:
+        images, masks = images_and_masks
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "masks.png"
+            mask_grid_png(images, masks, m.features_for("maskd"), path, title=f"{m.name}: receptive-token masks")
+            self.tracker.client.log_artifact(run_id, str(path), "figures")
+
+    # ---------------------------------------------------------------------------------------- manifests
+    def run_manifest(self, m: Manifest, parent_id: str, methods: list[str] | None = None,
+                     seeds: list[int] | None = None, overall: tqdm | None = None) -> dict[str, Any]:
+        """Teacher, tokens (if MasKD is among the methods) and every method x seed of ``m``."""
+        methods = methods or m.methods
+        seeds = seeds if seeds is not None else m.protocol.seeds
+
+        def tick(label: str) -> None:
+            if overall is not None:
+                overall.set_postfix_str(label)
+                overall.update(1)
+
+        teacher = self.teacher(m, parent_id)
+        tick(f"{m.task}/teacher")
+        token_state = None
+        if "maskd" in methods and m.maskd.masks == "learned":
+            token_state = self.tokens(m, teacher.state_dict, parent_id).state_dict
+            tick(f"{m.task}/tokens")
+        outcomes = {"teacher": teacher}
+        for method in methods:
+            for seed in seeds:
+                outcomes[f"{method}/s{seed}"] = self.student(m, method, seed, teacher.state_dict, token_state,
+                                                             parent_id)
+                tick(f"{m.task}/{method}/s{seed}")
+        return outcomes
+
+
+def count_stages(m: Manifest, methods: list[str] | None = None, seeds: list[int] | None = None) -> int:
+    methods = methods or m.methods
+    seeds = seeds if seeds is not None else m.protocol.seeds
+    return 1 + ("maskd" in methods and m.maskd.masks == "learned") + len(methods) * len(seeds)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    start = time.perf_counter()
+    return fn(), time.perf_counter() - start

@@ -1,0 +1,85 @@
+"""``nox -s reproduce_table``: run (or reuse) everything for the embedded main table and write it from MLflow."""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .manifest import Manifest, load_manifest
+from .paths import repo_root
+from .pipeline import Pipeline, count_stages
+from .report import main_table, markdown, runs_frame, write_table
+from .tracking import Tracker
+
+PROFILES: dict[str, list[str]] = {
+    "default": ["embedded_detection", "embedded_segmentation"],
+    "smoke": ["embedded_detection_smoke", "embedded_segmentation_smoke"],
+}
+
+
+def default_out_dir(profile: str) -> Path:
+    root = repo_root() or Path.cwd()
+    base = root / "reports" / "embedded"
+    return base if profile == "default" else base / profile
+
+
+def environment_line() -> str:
+    return (f"torch {torch.__version__} on {platform.machine()} CPU, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}"
+            + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+
+
+class TableError(RuntimeError):
+    """The runs behind a table are incomplete or not finite; no table is written."""
+
+
+def check_runs(frame, manifests: list[Manifest]) -> None:
+    for m in manifests:
+        metric = "mAP" if m.task == "detection" else "mIoU"
+        sub = frame[frame.task == m.task] if not frame.empty else frame
+        for method in ["teacher", *m.methods]:
+            rows = sub[sub.method == method] if not sub.empty else sub
+            expected = 1 if method == "teacher" else len(m.protocol.seeds)
+            if len(rows) != expected:
+                raise TableError(f"{m.task}/{method}: {len(rows)} runs in MLflow, expected {expected}")
+            bad = [r for r in rows[metric] if not math.isfinite(float(r))]
+            if bad:
+                raise TableError(f"{m.task}/{method}: non-finite {metric} {bad}")
+
+
+def reproduce(profile: str = "default", tracking_uri: str | None = None, out_dir: Path | None = None,
+              progress: bool = True, reuse: bool = True) -> tuple[Path, Path, str]:
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    manifests = [load_manifest(name) for name in PROFILES[profile]]  # every manifest checked before any work
+    out_dir = out_dir or default_out_dir(profile)
+    tracker = Tracker(tracking_uri)
+    tracker.fail_stale_runs()
+    pipeline = Pipeline(tracker, progress=progress, reuse=reuse)
+    start = time.perf_counter()
+    tags = {"kind": "table", "profile": profile, "task": "all", "method": "all", "seed": "all",
+            "config_hash": "table"}
+    params = {f"manifest.{m.task}": m.name for m in manifests}
+    with tracker.run(f"table/{profile}", tags, params) as parent:
+        parent_id = parent.info.run_id
+        total = sum(count_stages(m) for m in manifests)
+        with tqdm(total=total, desc=f"reproduce_table[{profile}]", unit="run", disable=not progress,
+                  dynamic_ncols=True) as overall:
+            for m in manifests:
+                pipeline.run_manifest(m, parent_id, overall=overall)
+        wall = time.perf_counter() - start
+        frame = runs_frame(tracker.children(parent_id))
+        check_runs(frame, manifests)
+        table = main_table(frame)
+        md = markdown(table, manifests, environment_line(), wall, profile, parent_id)
+        csv_path, md_path = write_table(table, md, out_dir)
+        tracker.log_metrics(parent_id, {"wall_time_s": wall})
+        tracker.client.log_artifact(parent_id, str(csv_path), "table")
+        tracker.client.log_artifact(parent_id, str(md_path), "table")
+    return csv_path, md_path, parent_id
