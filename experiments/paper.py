@@ -16,9 +16,18 @@ class PaperRow:
     source: str
 
 
-#: task -> method -> the number the corresponding row of the paper's table reports.
+#: paper setting (the teacher's architecture) -> method -> the number the corresponding paper row reports.
 PAPER: dict[str, dict[str, PaperRow]] = {
-    "detection": {
+    "fcos": {
+        # FCOS R101 (40.8) -> FCOS R50 (38.5), COCO val2017 box mAP, 2x schedule.
+        "teacher": PaperRow(40.8, None, "MasKD README (ICLR): FCOS-R101 teacher"),
+        "baseline": PaperRow(38.5, 0.0, "MasKD README (ICLR): FCOS-R50 baseline"),
+        "fitnet": PaperRow(None, None, "not found"),
+        "cwd": PaperRow(None, None, "not found"),
+        "fgd": PaperRow(42.7, 4.2, "FGD README: FCOS-R101 -> FCOS-R50"),
+        "maskd": PaperRow(42.9, 4.4, "MasKD README (ICLR): fcos_r101-fcos_r50"),
+    },
+    "retinanet": {
         # RetinaNet R101 (38.9) -> RetinaNet R50 (37.4), COCO val2017 box mAP, 2x schedule.
         "teacher": PaperRow(38.9, None, "MasKD README (ICLR): RetinaNet-R101 teacher"),
         "baseline": PaperRow(37.4, 0.0, "MasKD README (ICLR): RetinaNet-R50 2x baseline"),
@@ -27,7 +36,7 @@ PAPER: dict[str, dict[str, PaperRow]] = {
         "fgd": PaperRow(40.7, 3.3, "FGD README, X101 teacher (not MasKD's R101 setting)"),
         "maskd": PaperRow(39.9, 2.5, "MasKD README (ICLR): retinanet_r101-retinanet_r50"),
     },
-    "segmentation": {
+    "deeplabv3": {
         # DeepLabV3 R101 (78.07) -> DeepLabV3 R18 (74.21), Cityscapes val mIoU, 40k iterations.
         "teacher": PaperRow(78.07, None, "MasKD segmentation README / CIRKD: DeepLabV3-R101"),
         "baseline": PaperRow(74.21, 0.0, "CIRKD README: DeepLabV3-R18 baseline"),

@@ -70,8 +70,13 @@ def paired(frame: pd.DataFrame, metric: str, a: str, b: str) -> Paired:
     return Paired(diff, float(stats.ttest_rel(x, y).pvalue), len(seeds))
 
 
-def main_table(frame: pd.DataFrame) -> pd.DataFrame:
-    """The main table: one row per task x method (teacher first), primary metric statistics and comparisons."""
+def main_table(frame: pd.DataFrame, paper_keys: dict[str, str] | None = None) -> pd.DataFrame:
+    """The main table: one row per task x method (teacher first), primary metric statistics and comparisons.
+
+    ``paper_keys`` maps a task to its paper setting in :data:`experiments.paper.PAPER` (the teacher's
+    architecture: ``fcos``, ``retinanet``, ``deeplabv3``).
+    """
+    paper_keys = paper_keys or {}
     out = []
     for task in ("detection", "segmentation"):
         sub = frame[frame.task == task]
@@ -89,7 +94,7 @@ def main_table(frame: pd.DataFrame) -> pd.DataFrame:
         for method in methods:
             rows = sub[sub.method == method]
             values = rows[metric].to_numpy(float)
-            paper = PAPER.get(task, {}).get(method)
+            paper = PAPER.get(paper_keys.get(task, ""), {}).get(method)
             row = {
                 "task": task, "method": method, "metric": metric,
                 "mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,

@@ -76,7 +76,7 @@ def reproduce(profile: str = "default", tracking_uri: str | None = None, out_dir
         wall = time.perf_counter() - start
         frame = runs_frame(tracker.children(parent_id))
         check_runs(frame, manifests)
-        table = main_table(frame)
+        table = main_table(frame, {m.task: m.teacher.arch for m in manifests})
         md = markdown(table, manifests, environment_line(), wall, profile, parent_id)
         csv_path, md_path = write_table(table, md, out_dir)
         tracker.log_metrics(parent_id, {"wall_time_s": wall})

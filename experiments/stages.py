@@ -44,6 +44,7 @@ from .models import (
     segmenter_forward,
     segmenter_masked_forward,
 )
+from .recorder import FeatureRecorder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -394,11 +395,22 @@ def token_diagnostics(manifest: Manifest, teacher: nn.Module, learner: MaskLearn
 
 
 @torch.no_grad()
-def teacher_features(manifest: Manifest, teacher: nn.Module, images) -> dict[str, Any]:
-    if manifest.task == "detection":
-        return {"fpn": forward_features(teacher, images)}
-    x = normalise(torch.stack(list(images)) if isinstance(images, list | tuple) else images)
-    return segmenter_forward(teacher, x)[1]
+def teacher_features(manifest: Manifest, teacher: nn.Module, images, names: list[str]) -> list[Tensor]:
+    """The teacher's declared features ``names``, captured by forward hooks on the declared modules
+    (``feature_info``); a declared module that never runs is an error, not an empty feature."""
+    info = feature_info(manifest.teacher)
+    unknown = [n for n in names if n not in info]
+    if unknown:
+        raise ValueError(f"distill feature {unknown[0]!r} is not declared by the teacher; declared: "
+                         f"{', '.join(info)}")
+    specs = [info[n] for n in names]
+    with FeatureRecorder(teacher, sorted({s.module for s in specs})) as recorder:
+        if manifest.task == "detection":
+            forward_features(teacher, images)
+        else:
+            segmenter_forward(teacher, normalise(torch.stack(list(images)) if isinstance(images, list | tuple)
+                                                 else images))
+        return [recorder.get(s.module)[s.key] if s.key is not None else recorder.get(s.module) for s in specs]
 
 
 @torch.no_grad()
@@ -406,8 +418,7 @@ def mask_dice_on(manifest: Manifest, teacher: nn.Module, learner: MaskLearning, 
                  ) -> list[float]:
     loader = DataLoader(val_set, batch_size=images, shuffle=False, collate_fn=collate_fn(manifest.task))
     batch, _ = next(iter(loader))
-    feats = select_features(manifest, manifest.teacher, teacher_features(manifest, teacher, batch),
-                            manifest.features_for("maskd"))
+    feats = teacher_features(manifest, teacher, batch, manifest.features_for("maskd"))
     return [d.item() for d in learner(feats).dice]
 
 
@@ -417,8 +428,7 @@ def example_masks(manifest: Manifest, teacher: nn.Module, learner_or_loss: nn.Mo
     """Images [n, 3, H, W] and the teacher masks of each distilled level, each [n, T, h, w]."""
     loader = DataLoader(val_set, batch_size=images, shuffle=False, collate_fn=collate_fn(manifest.task))
     batch, _ = next(iter(loader))
-    feats = select_features(manifest, manifest.teacher, teacher_features(manifest, teacher, batch),
-                            manifest.features_for("maskd"))
+    feats = teacher_features(manifest, teacher, batch, manifest.features_for("maskd"))
     masks = [tokens.masks(f) for tokens, f in zip(learner_or_loss.mask_modules, feats)]
     x = torch.stack(list(batch)) if isinstance(batch, list | tuple) else batch
     return x, masks
@@ -494,7 +504,7 @@ def train_student(manifest: Manifest, method: str, seed: int, teacher_state: dic
     names = distiller.names
 
     def kd_step(images, targets, feats, step, extras):
-        t_feats = select_features(manifest, manifest.teacher, teacher_features(manifest, teacher, images), names)
+        t_feats = teacher_features(manifest, teacher, images, names)
         s_feats = select_features(manifest, manifest.student, feats, names)
         return {f"loss/kd_{method}": distiller(s_feats, t_feats, step, extras)}
 

@@ -32,11 +32,12 @@ def mlflow_server(tmp_path):
     mlflow_exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     assert mlflow_exe, "the mlflow command is not installed"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
         [mlflow_exe, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -49,7 +50,7 @@ def mlflow_server(tmp_path):
             except OSError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
             if time.time() > deadline:
                 raise RuntimeError("mlflow server did not answer /health within 90 s")
             time.sleep(0.5)
@@ -60,6 +61,8 @@ def mlflow_server(tmp_path):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
 
 
 def test_smoke_run_logged_over_http(mlflow_server, tmp_path, monkeypatch):
