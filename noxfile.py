@@ -59,6 +59,17 @@ def reproduce_table(session: nox.Session) -> None:
 def mlflow_ui(session: nox.Session) -> None:
     """The MLflow UI on the repository's store, lean settings for a small machine (ECOSYSTEM.md §1)."""
     session.install("-e", ".")
-    session.run("mlflow", "ui", "--backend-store-uri", "sqlite:///mlflow.db", "--host", "127.0.0.1",
-                "--port", "5000", "--workers", "1", *session.posargs,
-                env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    session.run(
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        "sqlite:///mlflow.db",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5000",
+        "--workers",
+        "1",
+        *session.posargs,
+        env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )

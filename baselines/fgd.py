@@ -508,9 +508,11 @@ class FGDFeatureLoss(nn.Module):
         self.impl = impl
 
         # Creation order = official order, so that seeded default inits draw the same numbers.
-        self.align = nn.Conv2d(student_channels, teacher_channels, kernel_size=1) if (
-            student_channels != teacher_channels
-        ) else None
+        self.align = (
+            nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+            if (student_channels != teacher_channels)
+            else None
+        )
         self.conv_mask_s = nn.Conv2d(teacher_channels, 1, kernel_size=1)
         self.conv_mask_t = nn.Conv2d(teacher_channels, 1, kernel_size=1)
         self.channel_add_conv_s = _context_transform(teacher_channels)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
-import os
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from baselines.cwd import ChannelWiseDivergence
 from baselines.fgd import FGDFeatureLoss
 from baselines.fitnet import FitNetMSE
-from maskd import MaskLearning, MasKDLoss
+from maskd import MasKDLoss, MaskLearning
 
 FPN_SHAPES = [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]  # P3-P7 of 800x1216 (strides 8..128)
 IMAGE_HW = (800, 1216)
@@ -42,11 +42,18 @@ BATCH, CHANNELS, TOKENS, BOXES_PER_IMAGE = 2, 256, 6, 20
 
 #: (loss, impl) pairs the benchmark runs, in table order.
 CASES = [
-    ("maskd", "fast"), ("maskd", "literal"), ("maskd", "mse"),
-    ("maskd_tokens", "fast"), ("maskd_tokens", "literal"),
-    ("fgd", "fast"), ("fgd", "literal"), ("fgd", "mse"),
-    ("cwd", "fast"), ("cwd", "mse"),
-    ("fitnet", "fast"), ("fitnet", "mse"),
+    ("maskd", "fast"),
+    ("maskd", "literal"),
+    ("maskd", "mse"),
+    ("maskd_tokens", "fast"),
+    ("maskd_tokens", "literal"),
+    ("fgd", "fast"),
+    ("fgd", "literal"),
+    ("fgd", "mse"),
+    ("cwd", "fast"),
+    ("cwd", "mse"),
+    ("fitnet", "fast"),
+    ("fitnet", "mse"),
 ]
 
 
@@ -62,8 +69,10 @@ class Row:
 def _features(levels, device, dtype, seed=0, channels=CHANNELS):
     g = torch.Generator().manual_seed(seed)
     teacher = [torch.randn(BATCH, channels, h, w, generator=g).to(device, dtype) for h, w in levels]
-    student = [(0.6 * t.cpu() + 0.8 * torch.randn(t.shape, generator=g)).to(device, dtype).requires_grad_()
-               for t in teacher]
+    student = [
+        (0.6 * t.cpu() + 0.8 * torch.randn(t.shape, generator=g)).to(device, dtype).requires_grad_()
+        for t in teacher
+    ]
     return student, teacher
 
 
@@ -87,34 +96,56 @@ def build_case(loss: str, impl: str, device: str, dtype: torch.dtype) -> Callabl
     params: list[torch.Tensor] = list(student)
 
     if impl == "mse":
+
         def fn():
             total = sum(F.mse_loss(s, t) for s, t in zip(student, teacher))
             total.backward()
     elif loss == "maskd":
-        module = MasKDLoss([CHANNELS] * 5, TOKENS, weight_head=True, custom_mask=True, custom_mask_warmup=0,
-                           loss_weight=7.0, frozen=impl == "fast", impl=impl).to(device, dtype)
+        module = MasKDLoss(
+            [CHANNELS] * 5,
+            TOKENS,
+            weight_head=True,
+            custom_mask=True,
+            custom_mask_warmup=0,
+            loss_weight=7.0,
+            frozen=impl == "fast",
+            impl=impl,
+        ).to(device, dtype)
+
         def fn():
             module(student, teacher, step=1).backward()
     elif loss == "maskd_tokens":
         module = MaskLearning([CHANNELS] * 5, TOKENS, weight_head=True, impl=impl).to(device, dtype)
         teacher_feats = [t.detach() for t in teacher]
+
         def fn():
             out = module(teacher_feats)
             (sum(f.square().mean() for f in out.features) + out.dice.sum()).backward()
     elif loss == "fgd":
-        module = FGDFeatureLoss(CHANNELS, CHANNELS, temp=0.5, alpha_fgd=1e-3, beta_fgd=5e-4, gamma_fgd=5e-4,
-                                lambda_fgd=5e-6, impl=impl).to(device, dtype)
+        module = FGDFeatureLoss(
+            CHANNELS,
+            CHANNELS,
+            temp=0.5,
+            alpha_fgd=1e-3,
+            beta_fgd=5e-4,
+            gamma_fgd=5e-4,
+            lambda_fgd=5e-6,
+            impl=impl,
+        ).to(device, dtype)
         boxes = _boxes(device, dtype)
         shapes = [IMAGE_HW] * BATCH
+
         def fn():
             module(student[0], teacher[0], boxes, shapes).backward()
     elif loss == "cwd":
         module = ChannelWiseDivergence(tau=1.0, loss_weight=10.0)
+
         def fn():
             module(student, teacher).backward()
     elif loss == "fitnet":
         # Identity-sized 1x1 align convs as in the MasKD repo's mimic configs (256 -> 256 per level).
         module = FitNetMSE([CHANNELS] * 5, [CHANNELS] * 5).to(device, dtype)
+
         def fn():
             module(student, teacher).backward()
     else:
@@ -126,6 +157,7 @@ def build_case(loss: str, impl: str, device: str, dtype: torch.dtype) -> Callabl
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
+
     run.params = params  # type: ignore[attr-defined]
     return run
 
@@ -157,8 +189,16 @@ def peak_memory_mb(loss: str, impl: str, device: str, dtype: torch.dtype) -> flo
         base = torch.cuda.memory_allocated()
         run()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
-    cmd = [sys.executable, "-m", "experiments.bench_losses", "--memory-case", loss, impl,
-           "--dtype", str(dtype).removeprefix("torch.")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "experiments.bench_losses",
+        "--memory-case",
+        loss,
+        impl,
+        "--dtype",
+        str(dtype).removeprefix("torch."),
+    ]
     # A fixed mmap threshold makes glibc return every large block to the kernel when it is freed, so RSS
     # follows the live tensors instead of glibc's cache.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -200,8 +240,14 @@ def environment(device: str, dtype: torch.dtype) -> dict[str, str]:
     return env
 
 
-def run_benchmark(device: str = "cpu", dtype: torch.dtype = torch.float32, warmup: int = 2, repeats: int = 5,
-                  cases=CASES, progress: bool = True) -> list[Row]:
+def run_benchmark(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    warmup: int = 2,
+    repeats: int = 5,
+    cases=CASES,
+    progress: bool = True,
+) -> list[Row]:
     from tqdm import tqdm
 
     rows = []
@@ -237,18 +283,35 @@ def write_reports(rows: list[Row], out_dir: Path, env: dict[str, str], warmup: i
     stem = "bench_losses" if env["device"] == "cpu" else f"bench_losses_{env['device'].split(':')[0]}"
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     mse = {r.loss: r.fwd_bwd_ms for r in rows if r.impl == "mse"}
-    fields = ["loss", "impl", "fwd_bwd_ms", "peak_mem_mb", "ratio_vs_mse", "repeats", "device", "dtype", "threads"]
+    fields = [
+        "loss",
+        "impl",
+        "fwd_bwd_ms",
+        "peak_mem_mb",
+        "ratio_vs_mse",
+        "repeats",
+        "device",
+        "dtype",
+        "threads",
+    ]
     tmp_csv, tmp_md = csv_path.with_suffix(".csv.tmp"), md_path.with_suffix(".md.tmp")
     with tmp_csv.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in rows:
-            writer.writerow({
-                "loss": r.loss, "impl": r.impl, "fwd_bwd_ms": f"{r.fwd_bwd_ms:.3f}",
-                "peak_mem_mb": f"{r.peak_mem_mb:.1f}",
-                "ratio_vs_mse": f"{r.fwd_bwd_ms / mse[r.loss]:.2f}" if r.loss in mse else "",
-                "repeats": r.repeats, "device": env["device"], "dtype": env["dtype"], "threads": env["threads"],
-            })
+            writer.writerow(
+                {
+                    "loss": r.loss,
+                    "impl": r.impl,
+                    "fwd_bwd_ms": f"{r.fwd_bwd_ms:.3f}",
+                    "peak_mem_mb": f"{r.peak_mem_mb:.1f}",
+                    "ratio_vs_mse": f"{r.fwd_bwd_ms / mse[r.loss]:.2f}" if r.loss in mse else "",
+                    "repeats": r.repeats,
+                    "device": env["device"],
+                    "dtype": env["dtype"],
+                    "threads": env["threads"],
+                }
+            )
     lines = [
         "# Loss benchmark (generated by `nox -s bench_losses`; do not edit)",
         "",

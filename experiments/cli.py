@@ -1,11 +1,11 @@
 """``maskd-bench``: the suite's command line.
 
-    maskd-bench check-golden DIR [--impl fast|literal|both]   compare every loss with the reference cases in DIR
-    maskd-bench bench-losses [--out reports]                  the loss benchmark (same as ``nox -s bench_losses``)
-    maskd-bench reproduce [--profile default|smoke]           the embedded main table (``nox -s reproduce_table``)
-    maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
-    maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
-    maskd-bench manifests                                     the shipped manifests
+maskd-bench check-golden DIR [--impl fast|literal|both]   compare every loss with the reference cases in DIR
+maskd-bench bench-losses [--out reports]                  the loss benchmark (same as ``nox -s bench_losses``)
+maskd-bench reproduce [--profile default|smoke]           the embedded main table (``nox -s reproduce_table``)
+maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
+maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
+maskd-bench manifests                                     the shipped manifests
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ def _check_golden(args: argparse.Namespace) -> int:
     all_results = []
     for impl in impls:
         try:
-            results = check_golden(args.directory, impl=impl, rtol_value=args.rtol_value, rtol_grad=args.rtol_grad)
+            results = check_golden(
+                args.directory, impl=impl, rtol_value=args.rtol_value, rtol_grad=args.rtol_grad
+            )
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -57,33 +59,43 @@ def _bench_losses(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from experiments.reproduce import reproduce
 
-    csv_path, md_path, parent = reproduce(args.profile, args.tracking_uri, args.out, progress=not args.no_progress,
-                                          reuse=not args.no_reuse)
+    csv_path, md_path, parent = reproduce(
+        args.profile, args.tracking_uri, args.out, progress=not args.no_progress, reuse=not args.no_reuse
+    )
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path} (MLflow parent run {parent})")
     return 0
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from experiments.manifest import load_manifest
     from experiments.pipeline import Pipeline, count_stages
     from experiments.tracking import Tracker
-    from tqdm import tqdm
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
     methods = args.methods or None
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
-    tags = {"kind": "manifest", "task": manifest.task, "method": "all", "seed": "all", "config_hash": "manifest"}
+    tags = {
+        "kind": "manifest",
+        "task": manifest.task,
+        "method": "all",
+        "seed": "all",
+        "config_hash": "manifest",
+    }
     with tracker.run(f"manifest/{manifest.name}", tags, manifest.flat()) as parent:
         total = count_stages(manifest, methods, args.seeds)
         with tqdm(total=total, desc=manifest.name, unit="run", disable=args.no_progress) as overall:
             outcomes = pipeline.run_manifest(manifest, parent.info.run_id, methods, args.seeds, overall)
     metric = "mAP" if manifest.task == "detection" else "mIoU"
     for name, outcome in outcomes.items():
-        print(f"{name:16s} {metric} {outcome.metrics.get(metric, float('nan')):7.2f}  run {outcome.run_id}"
-              + ("  (reused)" if outcome.reused else ""))
+        print(
+            f"{name:16s} {metric} {outcome.metrics.get(metric, float('nan')):7.2f}  run {outcome.run_id}"
+            + ("  (reused)" if outcome.reused else "")
+        )
     return 0
 
 
@@ -110,13 +122,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    golden = sub.add_parser("check-golden", help="check every loss against a directory of golden cases",
-                            description="Run this project's implementation of every case in DIR/golden.json in "
-                                        "float64 and compare values (rtol 1e-10) and gradients (rtol 1e-8). "
-                                        "Exits 1 if any case is off, missing or unknown.")
+    golden = sub.add_parser(
+        "check-golden",
+        help="check every loss against a directory of golden cases",
+        description="Run this project's implementation of every case in DIR/golden.json in "
+        "float64 and compare values (rtol 1e-10) and gradients (rtol 1e-8). "
+        "Exits 1 if any case is off, missing or unknown.",
+    )
     golden.add_argument("directory", type=Path, help="directory with golden.json and inputs_/grads_*.pt")
-    golden.add_argument("--impl", choices=["fast", "literal", "both"], default="fast",
-                        help="which form of each loss to check (default: fast, the one training uses)")
+    golden.add_argument(
+        "--impl",
+        choices=["fast", "literal", "both"],
+        default="fast",
+        help="which form of each loss to check (default: fast, the one training uses)",
+    )
     golden.add_argument("--rtol-value", type=float, default=1e-10)
     golden.add_argument("--rtol-grad", type=float, default=1e-8)
     golden.set_defaults(func=_check_golden)
@@ -126,26 +145,42 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_bench_losses)
 
     def tracking_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tracking-uri", default=None,
-                       help="MLflow tracking URI (default: sqlite:///mlflow.db at the repository root; "
-                            "http://127.0.0.1:5000 for an mlflow server)")
+        p.add_argument(
+            "--tracking-uri",
+            default=None,
+            help="MLflow tracking URI (default: sqlite:///mlflow.db at the repository root; "
+            "http://127.0.0.1:5000 for an mlflow server)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument("--no-reuse", action="store_true", help="recompute runs even if a finished one matches")
+        p.add_argument(
+            "--no-reuse", action="store_true", help="recompute runs even if a finished one matches"
+        )
 
-    rep = sub.add_parser("reproduce", help="the embedded main table (runs or reuses every stage)",
-                         description="Run or reuse everything for the embedded main table and write "
-                                     "main_table.md/.csv from MLflow.")
-    rep.add_argument("--profile", choices=["default", "smoke"], default="default",
-                     help="default: the full table (~45 min on 2 cores); smoke: every row in about 3 min, "
-                          "meaningless numbers (written under reports/embedded/smoke/)")
+    rep = sub.add_parser(
+        "reproduce",
+        help="the embedded main table (runs or reuses every stage)",
+        description="Run or reuse everything for the embedded main table and write "
+        "main_table.md/.csv from MLflow.",
+    )
+    rep.add_argument(
+        "--profile",
+        choices=["default", "smoke"],
+        default="default",
+        help="default: the full table (~45 min on 2 cores); smoke: every row in about 3 min, "
+        "meaningless numbers (written under reports/embedded/smoke/)",
+    )
     rep.add_argument("--out", type=Path, default=None, help="directory for main_table.md/.csv")
     tracking_args(rep)
     rep.set_defaults(func=_reproduce)
 
     run = sub.add_parser("run", help="run one manifest (teacher, tokens, every method x seed)")
     run.add_argument("manifest", help="a shipped manifest name (see `maskd-bench manifests`) or a .toml path")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override a manifest value, e.g. --set student_train.iterations=100 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a manifest value, e.g. --set student_train.iterations=100 (repeatable)",
+    )
     run.add_argument("--methods", nargs="+", choices=["baseline", "fitnet", "cwd", "fgd", "maskd"])
     run.add_argument("--seeds", nargs="+", type=int)
     tracking_args(run)

@@ -13,8 +13,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 
-def mask_grid_png(images: torch.Tensor, masks: Sequence[torch.Tensor], level_names: Sequence[str], path: Path,
-                  title: str = "", max_images: int = 2) -> Path:
+def mask_grid_png(
+    images: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    level_names: Sequence[str],
+    path: Path,
+    title: str = "",
+    max_images: int = 2,
+) -> Path:
     """One row per (image, level): the image, then each token's mask upsampled to the image.
 
     Args:
@@ -32,7 +38,7 @@ def mask_grid_png(images: torch.Tensor, masks: Sequence[torch.Tensor], level_nam
             r = i * len(masks) + j
             axes[r][0].imshow(image)
             axes[r][0].set_ylabel(f"img {i}\n{level}", fontsize=7)
-            up = F.interpolate(m[i:i + 1].float(), size=size, mode="nearest")[0]
+            up = F.interpolate(m[i : i + 1].float(), size=size, mode="nearest")[0]
             for t in range(tokens):
                 ax = axes[r][t + 1]
                 if t < m.shape[1]:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from baselines.cwd import ChannelWiseDivergence
 from baselines.fgd import FGDFeatureLoss
 from baselines.fitnet import FitNetMSE, MdistillerFitNet, MmrazorL2Loss
-from maskd import MaskLearning, MasKDLoss, ReceptiveTokens, dice_coeff
+from maskd import MasKDLoss, MaskLearning, ReceptiveTokens, dice_coeff
 
 RTOL_VALUE = 1e-10
 RTOL_GRAD = 1e-8
@@ -56,7 +56,9 @@ class CaseResult:
         if not math.isnan(self.value_rel):
             parts.append(f"value rel {self.value_rel:.2e}")
         if self.grads_checked:
-            parts.append(f"grads rel {self.grad_rel:.2e} (max of {self.grads_checked}, worst {self.worst_grad})")
+            parts.append(
+                f"grads rel {self.grad_rel:.2e} (max of {self.grads_checked}, worst {self.worst_grad})"
+            )
         if self.detail:
             parts.append(self.detail)
         return "  ".join(parts)
@@ -78,8 +80,9 @@ def _leaf(t: Tensor) -> Tensor:
     return t.detach().clone().requires_grad_(True)
 
 
-def _param_grads(module: nn.Module, prefix: str = "params.", rename: Callable[[str], str] = lambda k: k
-                 ) -> dict[str, Tensor]:
+def _param_grads(
+    module: nn.Module, prefix: str = "params.", rename: Callable[[str], str] = lambda k: k
+) -> dict[str, Tensor]:
     return {prefix + rename(name): p.grad for name, p in module.named_parameters() if p.grad is not None}
 
 
@@ -141,9 +144,14 @@ def run_mask_learning(case, inputs, impl) -> Computed:
 def run_maskd_loss(case, inputs, impl) -> Computed:
     kw = case["kwargs"]
     loss = MasKDLoss(
-        kw["channels"], kw.get("num_tokens", 6), weight_head=bool(kw.get("weight_mask", True)),
-        custom_mask=bool(kw.get("custom_mask", True)), custom_mask_warmup=int(kw.get("custom_mask_warmup", 1000)),
-        loss_weight=float(kw.get("loss_weight", 1.0)), frozen=False, impl=impl,
+        kw["channels"],
+        kw.get("num_tokens", 6),
+        weight_head=bool(kw.get("weight_mask", True)),
+        custom_mask=bool(kw.get("custom_mask", True)),
+        custom_mask_warmup=int(kw.get("custom_mask_warmup", 1000)),
+        loss_weight=float(kw.get("loss_weight", 1.0)),
+        frozen=False,
+        impl=impl,
     )
     loss.load_tokens(inputs.get("checkpoint_state_dict", inputs["state_dict"]))
     student, teacher = _levels(inputs, "y_s"), _levels(inputs, "y_t")
@@ -158,8 +166,15 @@ def run_maskd_loss(case, inputs, impl) -> Computed:
 
 def run_maskd_segmentation(case, inputs, impl) -> Computed:
     kw = case["kwargs"]
-    loss = MasKDLoss([kw["channels"]], kw.get("num_tokens", 8), weight_head=False, custom_mask=False,
-                     variant="segmentation", frozen=False, impl=impl)
+    loss = MasKDLoss(
+        [kw["channels"]],
+        kw.get("num_tokens", 8),
+        weight_head=False,
+        custom_mask=False,
+        variant="segmentation",
+        frozen=False,
+        impl=impl,
+    )
     loss.load_tokens({"mask_module." + k: v for k, v in inputs["state_dict"].items()})
     student = _leaf(inputs["y_s"])
     value = loss(student, inputs["y_t"])
@@ -207,9 +222,14 @@ def _align_convs(state: dict[str, Tensor], levels: int) -> nn.ModuleList:
 def run_fitnet_mse(case, inputs, impl) -> Computed:
     student, teacher = _levels(inputs, "y_s"), _levels(inputs, "y_t")
     single = "y_s" in inputs
-    loss = FitNetMSE([s.shape[1] for s in student], [t.shape[1] for t in teacher],
-                     loss_weight=float(case["kwargs"].get("loss_weight", 1.0)))
-    loss.align.load_state_dict(_align_convs(inputs["align_state_dict"], len(student)).state_dict(), strict=True)
+    loss = FitNetMSE(
+        [s.shape[1] for s in student],
+        [t.shape[1] for t in teacher],
+        loss_weight=float(case["kwargs"].get("loss_weight", 1.0)),
+    )
+    loss.align.load_state_dict(
+        _align_convs(inputs["align_state_dict"], len(student)).state_dict(), strict=True
+    )
     leaves = [_leaf(s) for s in student]
     value = loss(leaves if not single else leaves[0], teacher if not single else teacher[0])
     value.backward()
@@ -222,8 +242,12 @@ def run_fitnet_mse(case, inputs, impl) -> Computed:
 def run_fitnet_convreg(case, inputs, impl) -> Computed:
     kw = case["kwargs"]
     student = _leaf(inputs["y_s"])
-    loss = MdistillerFitNet(tuple(inputs["y_s"].shape), tuple(inputs["y_t"].shape),
-                            feat_weight=float(kw.get("feat_loss_weight", 100.0)), use_relu=bool(kw.get("use_relu", True)))
+    loss = MdistillerFitNet(
+        tuple(inputs["y_s"].shape),
+        tuple(inputs["y_t"].shape),
+        feat_weight=float(kw.get("feat_loss_weight", 100.0)),
+        use_relu=bool(kw.get("use_relu", True)),
+    )
     loss.load_state_dict(inputs["state_dict"], strict=True)
     loss.train(bool(kw.get("train_mode", True)))
     value = loss(student, inputs["y_t"])
@@ -232,7 +256,11 @@ def run_fitnet_convreg(case, inputs, impl) -> Computed:
 
 
 def run_fitnet_l2(case, inputs, impl) -> Computed:
-    kw = {k: v for k, v in case["kwargs"].items() if k in ("loss_weight", "normalize", "mult", "div_element", "dist")}
+    kw = {
+        k: v
+        for k, v in case["kwargs"].items()
+        if k in ("loss_weight", "normalize", "mult", "div_element", "dist")
+    }
     align = _align_convs(inputs["align_state_dict"], 1)[0]
     student = _leaf(inputs["y_s"])
     value = MmrazorL2Loss(**kw)(align(student), inputs["y_t"])
@@ -303,8 +331,14 @@ def _rel(ours: Tensor, golden: Tensor, case_scale: float) -> float:
     return diff / scale
 
 
-def check_case(directory: Path, name: str, case: dict[str, Any], impl: str = "fast",
-               rtol_value: float = RTOL_VALUE, rtol_grad: float = RTOL_GRAD) -> CaseResult:
+def check_case(
+    directory: Path,
+    name: str,
+    case: dict[str, Any],
+    impl: str = "fast",
+    rtol_value: float = RTOL_VALUE,
+    rtol_grad: float = RTOL_GRAD,
+) -> CaseResult:
     found = identify(case)
     if found is None:
         return CaseResult(name, "unknown", detail=f"no implementation for loss {case.get('loss', '?')!r}")
@@ -339,12 +373,20 @@ def check_case(directory: Path, name: str, case: dict[str, Any], impl: str = "fa
         if r >= grad_rel:
             grad_rel, worst = r, key
     ok = value_rel <= rtol_value and grad_rel <= rtol_grad and not problems
-    return CaseResult(name, "ok" if ok else "off", value_rel, grad_rel if golden_grads else math.nan, worst,
-                      "; ".join(problems) or impl_name, len(golden_grads))
+    return CaseResult(
+        name,
+        "ok" if ok else "off",
+        value_rel,
+        grad_rel if golden_grads else math.nan,
+        worst,
+        "; ".join(problems) or impl_name,
+        len(golden_grads),
+    )
 
 
-def check_golden(directory: str | Path, impl: str = "fast", rtol_value: float = RTOL_VALUE,
-                 rtol_grad: float = RTOL_GRAD) -> list[CaseResult]:
+def check_golden(
+    directory: str | Path, impl: str = "fast", rtol_value: float = RTOL_VALUE, rtol_grad: float = RTOL_GRAD
+) -> list[CaseResult]:
     """Check every case of ``directory``. Cases named by ``meta.json`` but absent from ``golden.json``, and
     ``inputs_*.pt`` files with no entry, are reported as ``missing`` and ``unknown``."""
     directory = Path(directory)
@@ -356,11 +398,19 @@ def check_golden(directory: str | Path, impl: str = "fast", rtol_value: float = 
     meta_path = directory / "meta.json"
     if meta_path.is_file():
         listed = json.loads(meta_path.read_text()).get("cases", [])
-        results += [CaseResult(n, "missing", detail="listed in meta.json but not in golden.json")
-                    for n in listed if n not in cases]
+        results += [
+            CaseResult(n, "missing", detail="listed in meta.json but not in golden.json")
+            for n in listed
+            if n not in cases
+        ]
     named = {c.get("inputs") for c in cases.values()}
-    results += [CaseResult(p.name[len("inputs_"):-len(".pt")], "unknown", detail=f"{p.name} has no golden.json entry")
-                for p in sorted(directory.glob("inputs_*.pt")) if p.name not in named]
+    results += [
+        CaseResult(
+            p.name[len("inputs_") : -len(".pt")], "unknown", detail=f"{p.name} has no golden.json entry"
+        )
+        for p in sorted(directory.glob("inputs_*.pt"))
+        if p.name not in named
+    ]
     return results
 
 

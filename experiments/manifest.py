@@ -143,10 +143,14 @@ class Manifest:
     def __post_init__(self) -> None:
         for m in self.methods:
             if m not in METHODS:
-                raise ManifestError(f"methods: unknown method {m!r} in {self.source or self.name}; "
-                                    f"allowed: {', '.join(METHODS)}")
+                raise ManifestError(
+                    f"methods: unknown method {m!r} in {self.source or self.name}; "
+                    f"allowed: {', '.join(METHODS)}"
+                )
         if self.task == "segmentation" and "fgd" in self.methods:
-            raise ManifestError(f"methods: fgd needs boxes and applies to detection only ({self.source or self.name})")
+            raise ManifestError(
+                f"methods: fgd needs boxes and applies to detection only ({self.source or self.name})"
+            )
         if not self.protocol.seeds:
             raise ManifestError(f"protocol.seeds is empty in {self.source or self.name}")
 
@@ -186,7 +190,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ManifestError(f"{key} must be a list in {where}, got {type(value).__name__} {value!r}")
         items = [_convert(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin in (typing.Union, types.UnionType) and all(dataclasses.is_dataclass(o) for o in typing.get_args(tp)):
+    if origin in (typing.Union, types.UnionType) and all(
+        dataclasses.is_dataclass(o) for o in typing.get_args(tp)
+    ):
         raise ManifestError(f"{key}: internal error, ambiguous section type {tp}")
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -205,7 +211,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
-            raise ManifestError(f"{key} must be {_type_name(tp)} in {where}, got {type(value).__name__} {value!r}")
+            raise ManifestError(
+                f"{key} must be {_type_name(tp)} in {where}, got {type(value).__name__} {value!r}"
+            )
         return value
     return value
 
@@ -217,12 +225,17 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in names:
-            raise ManifestError(f"unknown key {full!r} in {where}; allowed in {prefix or 'the top level'}: "
-                                f"{', '.join(names)}")
+            raise ManifestError(
+                f"unknown key {full!r} in {where}; allowed in {prefix or 'the top level'}: {', '.join(names)}"
+            )
         kwargs[key] = _convert(value, hints[key], full, where)
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ManifestError(f"{where} lacks required key {prefix + '.' if prefix else ''}{missing[0]}")
     try:
@@ -289,8 +302,10 @@ def load_manifest(name: str | Path, overrides: dict[str, Any] | None = None) -> 
         section = dict(data.pop(role, {}))
         if model_cls is DetectorConfig:
             if section.setdefault("image_size", image_size) != image_size:
-                raise ManifestError(f"{role}.image_size = {section['image_size']} in {path.name} differs from "
-                                    f"data.image_size = {image_size}")
+                raise ManifestError(
+                    f"{role}.image_size = {section['image_size']} in {path.name} differs from "
+                    f"data.image_size = {image_size}"
+                )
         models[role] = _build(model_cls, section, role, path.name)
     manifest = _build(Manifest, data, "", path.name)
     return dataclasses.replace(manifest, source=str(path), **models)

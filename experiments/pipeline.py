@@ -38,25 +38,56 @@ def _asdict(obj: Any) -> Any:
 
 
 def teacher_hash(m: Manifest) -> str:
-    return digest({"v": STAGE_VERSION, "stage": "teacher", "task": m.task, "data": _asdict(m.data),
-                   "model": _asdict(m.teacher), "train": _asdict(m.teacher_train), "seed": 0})
+    return digest(
+        {
+            "v": STAGE_VERSION,
+            "stage": "teacher",
+            "task": m.task,
+            "data": _asdict(m.data),
+            "model": _asdict(m.teacher),
+            "train": _asdict(m.teacher_train),
+            "seed": 0,
+        }
+    )
 
 
 def tokens_hash(m: Manifest) -> str:
-    return digest({"v": STAGE_VERSION, "stage": "tokens", "teacher": teacher_hash(m), "tokens": _asdict(m.tokens),
-                   "features": m.features_for("maskd"), "seed": 0})
+    return digest(
+        {
+            "v": STAGE_VERSION,
+            "stage": "tokens",
+            "teacher": teacher_hash(m),
+            "tokens": _asdict(m.tokens),
+            "features": m.features_for("maskd"),
+            "seed": 0,
+        }
+    )
 
 
 def student_hash(m: Manifest, method: str, seed: int) -> str:
-    spec: dict[str, Any] = {"v": STAGE_VERSION, "stage": "student", "task": m.task, "data": _asdict(m.data),
-                            "model": _asdict(m.student), "train": _asdict(m.student_train), "method": method,
-                            "seed": seed}
+    spec: dict[str, Any] = {
+        "v": STAGE_VERSION,
+        "stage": "student",
+        "task": m.task,
+        "data": _asdict(m.data),
+        "model": _asdict(m.student),
+        "train": _asdict(m.student_train),
+        "method": method,
+        "seed": seed,
+    }
     if method != "baseline":
-        spec.update(teacher=teacher_hash(m), features=m.features_for(method), align=m.distill.align,
-                    cfg=_asdict(getattr(m, method)))
+        spec.update(
+            teacher=teacher_hash(m),
+            features=m.features_for(method),
+            align=m.distill.align,
+            cfg=_asdict(getattr(m, method)),
+        )
     if method == "maskd":
-        spec["tokens"] = tokens_hash(m) if m.maskd.masks == "learned" else {
-            "num_tokens": m.tokens.num_tokens, "weight_head": m.tokens.weight_head}
+        spec["tokens"] = (
+            tokens_hash(m)
+            if m.maskd.masks == "learned"
+            else {"num_tokens": m.tokens.num_tokens, "weight_head": m.tokens.weight_head}
+        )
     return digest(spec)
 
 
@@ -103,9 +134,18 @@ class Pipeline:
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    def _common_tags(self, m: Manifest, kind: str, method: str, seed: int, config_hash: str) -> dict[str, str]:
-        return {"kind": kind, "task": m.task, "method": method, "seed": str(seed), "config_hash": config_hash,
-                "manifest": m.name, "stage_version": str(STAGE_VERSION)}
+    def _common_tags(
+        self, m: Manifest, kind: str, method: str, seed: int, config_hash: str
+    ) -> dict[str, str]:
+        return {
+            "kind": kind,
+            "task": m.task,
+            "method": method,
+            "seed": str(seed),
+            "config_hash": config_hash,
+            "manifest": m.name,
+            "stage_version": str(STAGE_VERSION),
+        }
 
     def _log_manifest(self, run_id: str, m: Manifest) -> None:
         self.tracker.client.log_dict(run_id, m.to_dict(), "manifest.json")
@@ -155,8 +195,9 @@ class Pipeline:
             self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
-    def student(self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str
-                ) -> StageOutcome:
+    def student(
+        self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str
+    ) -> StageOutcome:
         h = student_hash(m, method, seed)
         tags = self._common_tags(m, "student", method, seed, h)
         found = self.tracker.find_finished(h, "student") if self.reuse else None
@@ -166,8 +207,9 @@ class Pipeline:
         with self.tracker.run(f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
-            result = stages.train_student(m, method, seed, teacher_state, token_state, self._logger(rid),
-                                          self.progress)
+            result = stages.train_student(
+                m, method, seed, teacher_state, token_state, self._logger(rid), self.progress
+            )
             self.tracker.log_metrics(rid, result.metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "student.pt"
@@ -187,12 +229,20 @@ class Pipeline:
         images, masks = images_and_masks
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "masks.png"
-            mask_grid_png(images, masks, m.features_for("maskd"), path, title=f"{m.name}: receptive-token masks")
+            mask_grid_png(
+                images, masks, m.features_for("maskd"), path, title=f"{m.name}: receptive-token masks"
+            )
             self.tracker.client.log_artifact(run_id, str(path), "figures")
 
     # ---------------------------------------------------------------------------------------- manifests
-    def run_manifest(self, m: Manifest, parent_id: str, methods: list[str] | None = None,
-                     seeds: list[int] | None = None, overall: tqdm | None = None) -> dict[str, Any]:
+    def run_manifest(
+        self,
+        m: Manifest,
+        parent_id: str,
+        methods: list[str] | None = None,
+        seeds: list[int] | None = None,
+        overall: tqdm | None = None,
+    ) -> dict[str, Any]:
         """Teacher, tokens (if MasKD is among the methods) and every method x seed of ``m``."""
         methods = methods or m.methods
         seeds = seeds if seeds is not None else m.protocol.seeds
@@ -211,8 +261,9 @@ class Pipeline:
         outcomes = {"teacher": teacher}
         for method in methods:
             for seed in seeds:
-                outcomes[f"{method}/s{seed}"] = self.student(m, method, seed, teacher.state_dict, token_state,
-                                                             parent_id)
+                outcomes[f"{method}/s{seed}"] = self.student(
+                    m, method, seed, teacher.state_dict, token_state, parent_id
+                )
                 tick(f"{m.task}/{method}/s{seed}")
         return outcomes
 

@@ -30,9 +30,11 @@ def default_out_dir(profile: str) -> Path:
 
 
 def environment_line() -> str:
-    return (f"torch {torch.__version__} on {platform.machine()} CPU, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}"
-            + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    return (
+        f"torch {torch.__version__} on {platform.machine()} CPU, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, Python {platform.python_version()}"
+        + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
+    )
 
 
 class TableError(RuntimeError):
@@ -53,8 +55,13 @@ def check_runs(frame, manifests: list[Manifest]) -> None:
                 raise TableError(f"{m.task}/{method}: non-finite {metric} {bad}")
 
 
-def reproduce(profile: str = "default", tracking_uri: str | None = None, out_dir: Path | None = None,
-              progress: bool = True, reuse: bool = True) -> tuple[Path, Path, str]:
+def reproduce(
+    profile: str = "default",
+    tracking_uri: str | None = None,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    reuse: bool = True,
+) -> tuple[Path, Path, str]:
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
     manifests = [load_manifest(name) for name in PROFILES[profile]]  # every manifest checked before any work
@@ -63,14 +70,25 @@ def reproduce(profile: str = "default", tracking_uri: str | None = None, out_dir
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=progress, reuse=reuse)
     start = time.perf_counter()
-    tags = {"kind": "table", "profile": profile, "task": "all", "method": "all", "seed": "all",
-            "config_hash": "table"}
+    tags = {
+        "kind": "table",
+        "profile": profile,
+        "task": "all",
+        "method": "all",
+        "seed": "all",
+        "config_hash": "table",
+    }
     params = {f"manifest.{m.task}": m.name for m in manifests}
     with tracker.run(f"table/{profile}", tags, params) as parent:
         parent_id = parent.info.run_id
         total = sum(count_stages(m) for m in manifests)
-        with tqdm(total=total, desc=f"reproduce_table[{profile}]", unit="run", disable=not progress,
-                  dynamic_ncols=True) as overall:
+        with tqdm(
+            total=total,
+            desc=f"reproduce_table[{profile}]",
+            unit="run",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as overall:
             for m in manifests:
                 pipeline.run_manifest(m, parent_id, overall=overall)
         wall = time.perf_counter() - start

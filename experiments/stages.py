@@ -27,7 +27,7 @@ from tqdm import tqdm
 from baselines.cwd import ChannelWiseDivergence
 from baselines.fgd import FGDLoss
 from baselines.fitnet import FitNetMSE
-from maskd import MaskLearning, MasKDLoss
+from maskd import MasKDLoss, MaskLearning
 
 from . import data as scenes
 from .evaluation import evaluate_detection, evaluate_segmentation
@@ -82,8 +82,15 @@ def infinite_batches(dataset, batch_size: int, collate, seed: int) -> Iterator[A
     epoch = 0
     while True:
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate,
-                            drop_last=len(dataset) >= batch_size, num_workers=0)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=True,
+            generator=g,
+            collate_fn=collate,
+            drop_last=len(dataset) >= batch_size,
+            num_workers=0,
+        )
         yield from loader
         epoch += 1
 
@@ -91,8 +98,11 @@ def infinite_batches(dataset, batch_size: int, collate, seed: int) -> Iterator[A
 def datasets(manifest: Manifest) -> tuple[Any, Any, Path]:
     root = scenes.generate_scenes(scene_config(manifest), progress=True)
     if manifest.task == "detection":
-        return (scenes.detection_dataset(root, "train"), scenes.detection_dataset(root, "val"),
-                root / "annotations" / "instances_val.json")
+        return (
+            scenes.detection_dataset(root, "train"),
+            scenes.detection_dataset(root, "val"),
+            root / "annotations" / "instances_val.json",
+        )
     return scenes.segmentation_dataset(root, "train"), scenes.segmentation_dataset(root, "val"), root
 
 
@@ -160,16 +170,19 @@ def select_features(manifest: Manifest, role_cfg, feats: dict[str, Any], names: 
     info = feature_info(role_cfg)
     unknown = [n for n in names if n not in info]
     if unknown:
-        raise ValueError(f"distill feature {unknown[0]!r} is not declared by the {manifest.task} model; "
-                         f"declared: {', '.join(info)}")
+        raise ValueError(
+            f"distill feature {unknown[0]!r} is not declared by the {manifest.task} model; "
+            f"declared: {', '.join(info)}"
+        )
     if manifest.task == "detection":
         order = list(info)
         return [feats["fpn"][order.index(n)] for n in names]
     return [feats[n] for n in names]
 
 
-def evaluate(model: nn.Module, manifest: Manifest, val_set, gt, transform_logits=None, progress=True
-             ) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, manifest: Manifest, val_set, gt, transform_logits=None, progress=True
+) -> dict[str, float]:
     loader = DataLoader(val_set, batch_size=16, shuffle=False, collate_fn=collate_fn(manifest.task))
     model.eval()
     if manifest.task == "detection":
@@ -196,9 +209,17 @@ def primary_metric(task: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ stage 0 / baseline
-def _train_loop(model: nn.Module, extra: nn.Module | None, manifest: Manifest, cfg: Train, seed: int,
-                kd_step: Callable[..., dict[str, Tensor]] | None, log: MetricLogger, desc: str, progress: bool
-                ) -> dict[str, float]:
+def _train_loop(
+    model: nn.Module,
+    extra: nn.Module | None,
+    manifest: Manifest,
+    cfg: Train,
+    seed: int,
+    kd_step: Callable[..., dict[str, Tensor]] | None,
+    log: MetricLogger,
+    desc: str,
+    progress: bool,
+) -> dict[str, float]:
     """The shared supervised loop; ``kd_step(images, targets, student_feats, step, extras)`` adds KD terms."""
     train_set, _, _ = datasets(manifest)
     params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
@@ -232,19 +253,21 @@ def _train_loop(model: nn.Module, extra: nn.Module | None, manifest: Manifest, c
             values["lr"] = optimizer.param_groups[0]["lr"]
             log(values, step)
             bar.set_postfix(loss=f"{values['loss/total']:.3f}")
-    steady = step_times[min(5, len(step_times) - 1):] or step_times
+    steady = step_times[min(5, len(step_times) - 1) :] or step_times
     return {"step_time_s": sum(steady) / len(steady)}
 
 
-def train_teacher(manifest: Manifest, role: str, seed: int, log: MetricLogger, progress: bool = True
-                  ) -> StageResult:
+def train_teacher(
+    manifest: Manifest, role: str, seed: int, log: MetricLogger, progress: bool = True
+) -> StageResult:
     """Train ``manifest.<role>`` (``teacher`` or ``student``) on the task alone and evaluate it."""
     cfg_model = model_config(manifest, role)
     cfg_train = manifest.teacher_train if role == "teacher" else manifest.student_train
     seed_everything(seed)
     model = build_model(cfg_model)
-    timing = _train_loop(model, None, manifest, cfg_train, seed, None, log, f"{manifest.task}/{role}/s{seed}",
-                         progress)
+    timing = _train_loop(
+        model, None, manifest, cfg_train, seed, None, log, f"{manifest.task}/{role}/s{seed}", progress
+    )
     _, val_set, gt = datasets(manifest)
     metrics = evaluate(model, manifest, val_set, gt, progress=progress)
     metrics.update(timing)
@@ -253,8 +276,9 @@ def train_teacher(manifest: Manifest, role: str, seed: int, log: MetricLogger, p
     return StageResult(metrics, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def evaluate_state(manifest: Manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True
-                   ) -> StageResult:
+def evaluate_state(
+    manifest: Manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True
+) -> StageResult:
     """Evaluate a cached checkpoint (no training): the metrics a training run would have logged, bar timing."""
     model = load_model(manifest, role, state_dict)
     _, val_set, gt = datasets(manifest)
@@ -284,8 +308,12 @@ def _maskd_channels(manifest: Manifest) -> list[int]:
 
 def build_mask_learner(manifest: Manifest) -> MaskLearning:
     tokens = manifest.tokens
-    return MaskLearning(_maskd_channels(manifest), tokens.num_tokens, weight_head=tokens.weight_head,
-                        dice_weight=tokens.dice_weight)
+    return MaskLearning(
+        _maskd_channels(manifest),
+        tokens.num_tokens,
+        weight_head=tokens.weight_head,
+        dice_weight=tokens.dice_weight,
+    )
 
 
 def _masked_task_losses(teacher: nn.Module, learner: MaskLearning, manifest: Manifest, images, targets):
@@ -320,8 +348,9 @@ def _masked_task_losses(teacher: nn.Module, learner: MaskLearning, manifest: Man
     return losses, outputs["out"]
 
 
-def learn_tokens(manifest: Manifest, teacher_state: dict[str, Tensor], seed: int, log: MetricLogger,
-                 progress: bool = True) -> StageResult:
+def learn_tokens(
+    manifest: Manifest, teacher_state: dict[str, Tensor], seed: int, log: MetricLogger, progress: bool = True
+) -> StageResult:
     """Stage 1: receptive tokens on the frozen teacher. Returns the token state_dict and diagnostics."""
     cfg = manifest.tokens
     seed_everything(seed)
@@ -332,8 +361,13 @@ def learn_tokens(manifest: Manifest, teacher_state: dict[str, Tensor], seed: int
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     batches = infinite_batches(train_set, cfg.batch_size, collate_fn(manifest.task), seed)
     learner.train()
-    bar = tqdm(range(cfg.iterations), desc=f"{manifest.task}/tokens", disable=not progress, dynamic_ncols=True,
-               leave=False)
+    bar = tqdm(
+        range(cfg.iterations),
+        desc=f"{manifest.task}/tokens",
+        disable=not progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
     for step in bar:
         images, targets = next(batches)
         teacher.eval()  # BatchNorm in eval mode every iteration, as MasKDHook.before_train_iter
@@ -359,8 +393,9 @@ def learn_tokens(manifest: Manifest, teacher_state: dict[str, Tensor], seed: int
 
 
 @torch.no_grad()
-def token_diagnostics(manifest: Manifest, teacher: nn.Module, learner: MaskLearning, val_set, gt,
-                      progress: bool) -> dict[str, float]:
+def token_diagnostics(
+    manifest: Manifest, teacher: nn.Module, learner: MaskLearning, val_set, gt, progress: bool
+) -> dict[str, float]:
     """Pairwise Dice between the learned masks on validation images, and the teacher's metric with its
     features replaced by the masked ones (how much of the teacher the masks keep) next to its plain metric."""
     metric = primary_metric(manifest.task)
@@ -386,8 +421,14 @@ def token_diagnostics(manifest: Manifest, teacher: nn.Module, learner: MaskLearn
         finally:
             del backbone.forward
     else:
-        masked = evaluate(teacher, manifest, val_set, gt, transform_logits=lambda z: learner([z]).features[0],
-                          progress=progress)[metric]
+        masked = evaluate(
+            teacher,
+            manifest,
+            val_set,
+            gt,
+            transform_logits=lambda z: learner([z]).features[0],
+            progress=progress,
+        )[metric]
     dice = mask_dice_on(manifest, teacher, learner, val_set)
     out = {f"teacher_{metric}": plain, f"masked_teacher_{metric}": masked}
     out.update({f"pairwise_dice/level{i}": d for i, d in enumerate(dice)})
@@ -401,21 +442,24 @@ def teacher_features(manifest: Manifest, teacher: nn.Module, images, names: list
     info = feature_info(manifest.teacher)
     unknown = [n for n in names if n not in info]
     if unknown:
-        raise ValueError(f"distill feature {unknown[0]!r} is not declared by the teacher; declared: "
-                         f"{', '.join(info)}")
+        raise ValueError(
+            f"distill feature {unknown[0]!r} is not declared by the teacher; declared: {', '.join(info)}"
+        )
     specs = [info[n] for n in names]
     with FeatureRecorder(teacher, sorted({s.module for s in specs})) as recorder:
         if manifest.task == "detection":
             forward_features(teacher, images)
         else:
-            segmenter_forward(teacher, normalise(torch.stack(list(images)) if isinstance(images, list | tuple)
-                                                 else images))
+            segmenter_forward(
+                teacher, normalise(torch.stack(list(images)) if isinstance(images, list | tuple) else images)
+            )
         return [recorder.get(s.module)[s.key] if s.key is not None else recorder.get(s.module) for s in specs]
 
 
 @torch.no_grad()
-def mask_dice_on(manifest: Manifest, teacher: nn.Module, learner: MaskLearning, val_set, images: int = 32
-                 ) -> list[float]:
+def mask_dice_on(
+    manifest: Manifest, teacher: nn.Module, learner: MaskLearning, val_set, images: int = 32
+) -> list[float]:
     loader = DataLoader(val_set, batch_size=images, shuffle=False, collate_fn=collate_fn(manifest.task))
     batch, _ = next(iter(loader))
     feats = teacher_features(manifest, teacher, batch, manifest.features_for("maskd"))
@@ -423,8 +467,9 @@ def mask_dice_on(manifest: Manifest, teacher: nn.Module, learner: MaskLearning, 
 
 
 @torch.no_grad()
-def example_masks(manifest: Manifest, teacher: nn.Module, learner_or_loss: nn.Module, val_set, images: int = 4
-                  ) -> tuple[Tensor, list[Tensor]]:
+def example_masks(
+    manifest: Manifest, teacher: nn.Module, learner_or_loss: nn.Module, val_set, images: int = 4
+) -> tuple[Tensor, list[Tensor]]:
     """Images [n, 3, H, W] and the teacher masks of each distilled level, each [n, T, h, w]."""
     loader = DataLoader(val_set, batch_size=images, shuffle=False, collate_fn=collate_fn(manifest.task))
     batch, _ = next(iter(loader))
@@ -455,17 +500,32 @@ class Distiller(nn.Module):
         elif method == "fgd":
             c = manifest.fgd
             w = c.weight_scale
-            self.loss = FGDLoss(s_ch, t_ch, temp=c.temp, alpha_fgd=c.alpha_fgd * w, beta_fgd=c.beta_fgd * w,
-                                gamma_fgd=c.gamma_fgd * w, lambda_fgd=c.lambda_fgd * w, box_scale=c.box_scale)
+            self.loss = FGDLoss(
+                s_ch,
+                t_ch,
+                temp=c.temp,
+                alpha_fgd=c.alpha_fgd * w,
+                beta_fgd=c.beta_fgd * w,
+                gamma_fgd=c.gamma_fgd * w,
+                lambda_fgd=c.lambda_fgd * w,
+                box_scale=c.box_scale,
+            )
         elif method == "maskd":
             c, tk = manifest.maskd, manifest.tokens
             if manifest.distill.align:
                 self.align = nn.ModuleList(nn.Conv2d(s, t, 1) for s, t in zip(s_ch, t_ch))
             elif s_ch != t_ch:
                 raise ValueError(f"maskd without align convs needs equal channels, student {s_ch} vs {t_ch}")
-            self.loss = MasKDLoss(t_ch, tk.num_tokens, weight_head=tk.weight_head and c.variant == "detection",
-                                  custom_mask=c.custom_mask, custom_mask_warmup=c.custom_mask_warmup,
-                                  loss_weight=c.loss_weight, variant=c.variant, mask_power=c.mask_power)
+            self.loss = MasKDLoss(
+                t_ch,
+                tk.num_tokens,
+                weight_head=tk.weight_head and c.variant == "detection",
+                custom_mask=c.custom_mask,
+                custom_mask_warmup=c.custom_mask_warmup,
+                loss_weight=c.loss_weight,
+                variant=c.variant,
+                mask_power=c.mask_power,
+            )
             if c.masks == "learned":
                 if token_state is None:
                     raise ValueError("maskd with learned masks needs the stage-1 token checkpoint")
@@ -483,17 +543,27 @@ class Distiller(nn.Module):
 
     def forward(self, student_feats: list[Tensor], teacher_feats: list[Tensor], step: int, extras) -> Tensor:
         if self.method == "maskd":
-            aligned = [conv(s) for conv, s in zip(self.align, student_feats)] if len(self.align) else student_feats
+            aligned = (
+                [conv(s) for conv, s in zip(self.align, student_feats)] if len(self.align) else student_feats
+            )
             return self.loss(aligned, teacher_feats, step=step)
         if self.method == "fgd":
             boxes = [t["boxes"] for t in extras.targets]
-            return self.loss(student_feats, teacher_feats, boxes, extras.image_sizes, padded_shape=extras.batch_shape)
+            return self.loss(
+                student_feats, teacher_feats, boxes, extras.image_sizes, padded_shape=extras.batch_shape
+            )
         return self.loss(student_feats, teacher_feats)
 
 
-def train_student(manifest: Manifest, method: str, seed: int, teacher_state: dict[str, Tensor] | None,
-                  token_state: dict[str, Tensor] | None, log: MetricLogger, progress: bool = True
-                  ) -> StageResult:
+def train_student(
+    manifest: Manifest,
+    method: str,
+    seed: int,
+    teacher_state: dict[str, Tensor] | None,
+    token_state: dict[str, Tensor] | None,
+    log: MetricLogger,
+    progress: bool = True,
+) -> StageResult:
     """Stage 2: the student with ``method``'s loss added (``baseline``: no distillation)."""
     if method == "baseline":
         return train_teacher(manifest, "student", seed, log, progress)
@@ -508,8 +578,17 @@ def train_student(manifest: Manifest, method: str, seed: int, teacher_state: dic
         s_feats = select_features(manifest, manifest.student, feats, names)
         return {f"loss/kd_{method}": distiller(s_feats, t_feats, step, extras)}
 
-    timing = _train_loop(student, distiller, manifest, manifest.student_train, seed, kd_step, log,
-                         f"{manifest.task}/{method}/s{seed}", progress)
+    timing = _train_loop(
+        student,
+        distiller,
+        manifest,
+        manifest.student_train,
+        seed,
+        kd_step,
+        log,
+        f"{manifest.task}/{method}/s{seed}",
+        progress,
+    )
     _, val_set, gt = datasets(manifest)
     metrics = evaluate(student, manifest, val_set, gt, progress=progress)
     metrics.update(timing)

@@ -39,11 +39,16 @@ def git_commit() -> str:
     if root is None:
         return "unknown"
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
         commit = out.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -83,7 +88,7 @@ class Tracker:
         runs = self.client.search_runs(
             [self.experiment_id],
             filter_string=f"tags.config_hash = '{config_hash}' and tags.kind = '{kind}' "
-                          f"and attributes.status = 'FINISHED'",
+            f"and attributes.status = 'FINISHED'",
             order_by=["attributes.start_time DESC"],
             max_results=20,
         )
@@ -94,15 +99,18 @@ class Tracker:
 
     def children(self, parent_run_id: str) -> list[Run]:
         return self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'", max_results=5000
+            [self.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+            max_results=5000,
         )
 
     def fail_stale_runs(self) -> list[str]:
         """Mark RUNNING runs whose process is gone (same host, pid not alive) as FAILED. Returns their ids."""
         host = socket.gethostname()
         stale = []
-        for run in self.client.search_runs([self.experiment_id], filter_string="attributes.status = 'RUNNING'",
-                                           max_results=5000):
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000
+        ):
             tags = run.data.tags
             if tags.get("host") != host or not tags.get("pid", "").isdigit():
                 continue
@@ -123,8 +131,13 @@ class Tracker:
 
     # ---------------------------------------------------------------------------------------- runs
     @contextmanager
-    def run(self, name: str, tags: Mapping[str, Any], params: Mapping[str, Any] | None = None,
-            parent_run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    def run(
+        self,
+        name: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+    ) -> Iterator[mlflow.ActiveRun]:
         """Start a run (nested under ``parent_run_id`` if given). It ends FINISHED when the block completes and
         FAILED (with the error as a tag) when it raises, KeyboardInterrupt and SystemExit included."""
         all_tags = {**self._env, **{k: str(v) for k, v in tags.items()}}
@@ -149,7 +162,7 @@ class Tracker:
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i:i + 100], synchronous=True)
+            self.client.log_batch(run_id, params=items[i : i + 100], synchronous=True)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
         import time
@@ -157,9 +170,11 @@ class Tracker:
         ts = int(time.time() * 1000)
         items = [mlflow.entities.Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i:i + 1000], synchronous=True)
+            self.client.log_batch(run_id, metrics=items[i : i + 1000], synchronous=True)
 
-    def record_reuse(self, source: Run, name: str, parent_run_id: str, extra_tags: Mapping[str, Any] = ()) -> str:
+    def record_reuse(
+        self, source: Run, name: str, parent_run_id: str, extra_tags: Mapping[str, Any] = ()
+    ) -> str:
         """A FINISHED child under ``parent_run_id`` that points at ``source`` and copies its final metrics and
         params, so each table's parent holds every run the table uses."""
         tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
@@ -173,8 +188,11 @@ class Tracker:
 
     def download(self, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
         dst = dst or Path(tempfile.mkdtemp(prefix="maskd-artifact-"))
-        return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
-                                                        dst_path=str(dst), tracking_uri=self.uri))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.uri
+            )
+        )
 
 
 def run_status(client: MlflowClient, run_id: str) -> str:

@@ -153,28 +153,36 @@ class MasKDLoss(nn.Module):
         """
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
         if not isinstance(state, Mapping):
-            raise ValueError(f"token checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}")
+            raise ValueError(
+                f"token checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}"
+            )
         tokens: dict[str, Tensor] = {}
         for key, value in state.items():
             if "mask_modules" in key:
-                tokens[key[key.find("mask_modules"):]] = value
+                tokens[key[key.find("mask_modules") :]] = value
             elif key.startswith("mask_module."):
-                tokens["mask_modules.0." + key[len("mask_module."):]] = value
+                tokens["mask_modules.0." + key[len("mask_module.") :]] = value
             elif key == "mask_token" or key.startswith("prob."):  # a single MaskModule state_dict
                 tokens["mask_modules.0." + key] = value
         expected = self.state_dict()
         missing = sorted(set(expected) - set(tokens))
         unexpected = sorted(set(tokens) - set(expected))
         if missing:
-            raise ValueError(f"token checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
-                             f"it holds {sorted(tokens)[:4]}")
+            raise ValueError(
+                f"token checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
+                f"it holds {sorted(tokens)[:4]}"
+            )
         if unexpected:
-            raise ValueError(f"token checkpoint has unexpected tensor {unexpected[0]} with shape "
-                             f"{tuple(tokens[unexpected[0]].shape)} for a loss with {len(self.channels)} levels")
+            raise ValueError(
+                f"token checkpoint has unexpected tensor {unexpected[0]} with shape "
+                f"{tuple(tokens[unexpected[0]].shape)} for a loss with {len(self.channels)} levels"
+            )
         for key, value in tokens.items():
             if tuple(value.shape) != tuple(expected[key].shape):
-                raise ValueError(f"token checkpoint tensor {key} has shape {tuple(value.shape)}, "
-                                 f"expected {tuple(expected[key].shape)}")
+                raise ValueError(
+                    f"token checkpoint tensor {key} has shape {tuple(value.shape)}, "
+                    f"expected {tuple(expected[key].shape)}"
+                )
         self.load_state_dict(tokens, strict=True)
 
     def customised(self, step: int | None) -> bool:
@@ -186,8 +194,12 @@ class MasKDLoss(nn.Module):
         return step >= self.custom_mask_warmup
 
     # ------------------------------------------------------------------ loss
-    def forward(self, student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor],
-                step: int | None = None) -> Tensor:
+    def forward(
+        self,
+        student_feats: Tensor | Sequence[Tensor],
+        teacher_feats: Tensor | Sequence[Tensor],
+        step: int | None = None,
+    ) -> Tensor:
         student = as_feature_list(student_feats, "student_feats")
         teacher = as_feature_list(teacher_feats, "teacher_feats")
         check_level_pairs(student, teacher, len(self.mask_modules))
@@ -200,8 +212,9 @@ class MasKDLoss(nn.Module):
             total = level_loss if total is None else total + level_loss
         return self.loss_weight * self.scale * total
 
-    def level_loss(self, tokens: ReceptiveTokens, student: Tensor, teacher: Tensor, customised: bool,
-                   level: int = 0) -> Tensor:
+    def level_loss(
+        self, tokens: ReceptiveTokens, student: Tensor, teacher: Tensor, customised: bool, level: int = 0
+    ) -> Tensor:
         """The loss of one level before ``loss_weight`` and ``scale``."""
         grad_ctx = torch.no_grad() if self.frozen else nullcontext()
         with grad_ctx:
@@ -210,8 +223,11 @@ class MasKDLoss(nn.Module):
                 with torch.no_grad():  # the student's own masks are a stop-gradient factor
                     student_masks = tokens.masks(student.detach(), name=f"student_feats[{level}]")
                 masks = masks * student_masks
-            weights = (tokens.token_weights(teacher, impl=self.impl, name=f"teacher_feats[{level}]")
-                       if tokens.has_weight_head else None)  # [N, T]
+            weights = (
+                tokens.token_weights(teacher, impl=self.impl, name=f"teacher_feats[{level}]")
+                if tokens.has_weight_head
+                else None
+            )  # [N, T]
         if self.impl == "literal":
             return self._literal(masks, weights, student, teacher)
         return self._fast(masks, weights, student, teacher)
@@ -241,7 +257,11 @@ class MasKDLoss(nn.Module):
         stat_dtype = torch.promote_types(masks.dtype, torch.float32)
         flat_masks = masks.reshape(n, num_tokens, h * w).to(stat_dtype)
         area = flat_masks.sum(-1) + self.area_eps  # [N, T]
-        coef = weights.to(stat_dtype) / c if weights is not None else flat_masks.new_full((n, num_tokens), 1.0 / (num_tokens * c))
+        coef = (
+            weights.to(stat_dtype) / c
+            if weights is not None
+            else flat_masks.new_full((n, num_tokens), 1.0 / (num_tokens * c))
+        )
         pixel_weights = torch.einsum("nt,ntl->nl", coef / area, flat_masks.pow(self.mask_power))  # [N, L]
         pixel_weights = pixel_weights.reshape(n, 1, h, w).to(student.dtype)
         if pixel_weights.requires_grad:  # unfrozen tokens: let autograd reach them through the weights
@@ -274,5 +294,7 @@ class _WeightedSquaredError(torch.autograd.Function):
         diff, pixel_weights = ctx.saved_tensors
         grad = diff.mul_(pixel_weights * (2 * grad_out))  # reuses D's buffer
         grad_student = grad if ctx.needs_input_grad[0] else None
-        grad_teacher = (-grad if grad_student is not None else grad.neg_()) if ctx.needs_input_grad[1] else None
+        grad_teacher = (
+            (-grad if grad_student is not None else grad.neg_()) if ctx.needs_input_grad[1] else None
+        )
         return grad_student, grad_teacher, None

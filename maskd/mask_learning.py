@@ -50,8 +50,14 @@ class MaskLearning(nn.Module):
         ``forward(teacher_feats)`` with a tensor or a sequence of [N, C, H, W] tensors -> :class:`MaskLearningOutput`.
     """
 
-    def __init__(self, channels: Sequence[int], num_tokens: int = 6, weight_head: bool = True,
-                 dice_weight: float = 1.0, impl: Impl = "fast") -> None:
+    def __init__(
+        self,
+        channels: Sequence[int],
+        num_tokens: int = 6,
+        weight_head: bool = True,
+        dice_weight: float = 1.0,
+        impl: Impl = "fast",
+    ) -> None:
         super().__init__()
         if isinstance(channels, int):
             channels = [channels]
@@ -64,13 +70,17 @@ class MaskLearning(nn.Module):
     def forward(self, teacher_feats: Tensor | Sequence[Tensor]) -> MaskLearningOutput:
         feats = as_feature_list(teacher_feats, "teacher_feats")
         if len(feats) != len(self.mask_modules):
-            raise ValueError(f"teacher_feats has {len(feats)} levels but MaskLearning was built for "
-                             f"{len(self.mask_modules)}")
+            raise ValueError(
+                f"teacher_feats has {len(feats)} levels but MaskLearning was built for "
+                f"{len(self.mask_modules)}"
+            )
         outs, dices, masks = [], [], []
         for level, (tokens, f) in enumerate(zip(self.mask_modules, feats)):
             if f.dim() != 4 or f.shape[1] != tokens.channels:
-                raise ValueError(f"teacher_feats[{level}] has shape {tuple(f.shape)}, expected "
-                                 f"(N, {tokens.channels}, H, W)")
+                raise ValueError(
+                    f"teacher_feats[{level}] has shape {tuple(f.shape)}, expected "
+                    f"(N, {tokens.channels}, H, W)"
+                )
             out, level_masks = tokens.mask_features(f, impl=self.impl)
             outs.append(out)
             masks.append(level_masks)

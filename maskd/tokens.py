@@ -151,8 +151,14 @@ def _padded_3x3_window_sums(x: Tensor) -> Tensor:
     corner_row = [x[:, :, -1, :], None, x[:, :, 0, :]]
     corners = torch.stack(
         [
-            torch.stack([row[..., -1] if row is not None else zeros, zeros,
-                         row[..., 0] if row is not None else zeros], dim=-1)
+            torch.stack(
+                [
+                    row[..., -1] if row is not None else zeros,
+                    zeros,
+                    row[..., 0] if row is not None else zeros,
+                ],
+                dim=-1,
+            )
             for row in corner_row
         ],
         dim=-2,

@@ -81,9 +81,7 @@ def test_golden_as_fpn_levels(golden_mode, reference_dir):
 
 
 # ----------------------------------------------------------------------------------------- properties
-shapes = st.tuples(
-    st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.integers(1, 6)
-)  # N, C, H, W
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 6), st.integers(1, 6))  # N, C, H, W
 taus = st.sampled_from([0.5, 1.0, 2.0, 4.0])
 
 

@@ -46,8 +46,9 @@ def _module_from_case(meta, inputs, impl: str) -> FGDFeatureLoss:
     return module
 
 
-def _random_case(seed: int, n: int, cs: int, ct: int, h: int, w: int, stride: int, max_boxes: int,
-                 dtype=torch.float64):
+def _random_case(
+    seed: int, n: int, cs: int, ct: int, h: int, w: int, stride: int, max_boxes: int, dtype=torch.float64
+):
     """Features, boxes (some on the image border, some degenerate) and image shapes of a padded batch."""
     gen = torch.Generator().manual_seed(seed)
     pad_h, pad_w = h * stride, w * stride
@@ -202,8 +203,17 @@ def test_fast_equals_literal(seed, n, channels, h, w, stride, max_boxes, box_sca
     results = {}
     for impl in IMPLS:
         torch.manual_seed(seed)
-        module = FGDFeatureLoss(cs, ct, temp=0.8, alpha_fgd=1.0, beta_fgd=1.0, gamma_fgd=1.0, lambda_fgd=1.0,
-                                box_scale=box_scale, impl=impl).double()
+        module = FGDFeatureLoss(
+            cs,
+            ct,
+            temp=0.8,
+            alpha_fgd=1.0,
+            beta_fgd=1.0,
+            gamma_fgd=1.0,
+            lambda_fgd=1.0,
+            box_scale=box_scale,
+            impl=impl,
+        ).double()
         _perturb_(module, seed)
         results[impl] = _loss_and_grads(module, student, teacher, boxes, shapes, padded, teacher_grad)
     (lit_parts, lit_grads), (fast_parts, fast_grads) = results["literal"], results["fast"]
@@ -233,8 +243,9 @@ def test_fast_masks_in_box_chunks_equal_one_pass(monkeypatch):
 
 def _unit_module(cs, ct, impl, seed=0, **kwargs):
     torch.manual_seed(seed)
-    module = FGDFeatureLoss(cs, ct, temp=0.8, alpha_fgd=1.0, beta_fgd=1.0, gamma_fgd=1.0, lambda_fgd=1.0,
-                            impl=impl, **kwargs).double()
+    module = FGDFeatureLoss(
+        cs, ct, temp=0.8, alpha_fgd=1.0, beta_fgd=1.0, gamma_fgd=1.0, lambda_fgd=1.0, impl=impl, **kwargs
+    ).double()
     _perturb_(module, seed)
     return module
 
@@ -254,8 +265,12 @@ def test_images_without_boxes_are_finite(impl):
 @pytest.mark.parametrize("with_box", [False, True])
 def test_one_by_one_maps_are_finite(impl, with_box):
     student, teacher, _, _, _ = _random_case(2, 2, 4, 4, 1, 1, 32, 0)
-    boxes = [torch.tensor([[3.0, 4.0, 10.0, 12.0]], dtype=torch.float64) if with_box else
-             torch.zeros(0, 4, dtype=torch.float64), torch.zeros(0, 4, dtype=torch.float64)]
+    boxes = [
+        torch.tensor([[3.0, 4.0, 10.0, 12.0]], dtype=torch.float64)
+        if with_box
+        else torch.zeros(0, 4, dtype=torch.float64),
+        torch.zeros(0, 4, dtype=torch.float64),
+    ]
     parts, grads = _loss_and_grads(_unit_module(4, 4, impl), student, teacher, boxes, [(32, 32), (20, 30)])
     assert torch.isfinite(parts["loss"])
     assert all(torch.isfinite(g).all() for g in grads.values() if g is not None)
@@ -319,8 +334,10 @@ def test_padded_box_scale_differs_only_for_images_smaller_than_the_batch(impl):
         module = _unit_module(4, 4, impl, box_scale=scale)
         losses[scale] = module(student, teacher, boxes, shapes, padded_shape=padded)
     assert losses["unpadded"] != losses["padded"]
-    same = {scale: _unit_module(4, 4, impl, box_scale=scale)(student, teacher, boxes, [(80, 96)] * 2, padded)
-            for scale in ("unpadded", "padded")}
+    same = {
+        scale: _unit_module(4, 4, impl, box_scale=scale)(student, teacher, boxes, [(80, 96)] * 2, padded)
+        for scale in ("unpadded", "padded")
+    }
     assert same["unpadded"] == same["padded"]
 
 
@@ -394,32 +411,68 @@ _BOX = torch.tensor([[1.0, 2.0, 10.0, 12.0]])
 _SHAPES = [(40, 48), (36, 40)]
 
 BAD_INPUTS = [
-    ("spatial", (_S, torch.randn(2, 4, 5, 7), [_BOX, _BOX], _SHAPES),
-     r"teacher_feats has shape \(2, 4, 5, 7\)"),
+    (
+        "spatial",
+        (_S, torch.randn(2, 4, 5, 7), [_BOX, _BOX], _SHAPES),
+        r"teacher_feats has shape \(2, 4, 5, 7\)",
+    ),
     ("batch", (_S, torch.randn(3, 4, 5, 6), [_BOX, _BOX], _SHAPES), r"N, H and W must match"),
-    ("student channels", (torch.randn(2, 3, 5, 6), _T, [_BOX, _BOX], _SHAPES),
-     r"student_feats has shape \(2, 3, 5, 6\), expected 4 channels"),
-    ("teacher channels", (_S, torch.randn(2, 8, 5, 6), [_BOX, _BOX], _SHAPES),
-     r"teacher_feats has shape \(2, 8, 5, 6\), expected 4 channels"),
+    (
+        "student channels",
+        (torch.randn(2, 3, 5, 6), _T, [_BOX, _BOX], _SHAPES),
+        r"student_feats has shape \(2, 3, 5, 6\), expected 4 channels",
+    ),
+    (
+        "teacher channels",
+        (_S, torch.randn(2, 8, 5, 6), [_BOX, _BOX], _SHAPES),
+        r"teacher_feats has shape \(2, 8, 5, 6\), expected 4 channels",
+    ),
     ("3-d features", (_S[0], _T, [_BOX, _BOX], _SHAPES), r"student_feats has shape \(4, 5, 6\)"),
-    ("box list length", (_S, _T, [_BOX], _SHAPES),
-     r"gt_boxes has 1 entries, expected one \[n_i, 4\] tensor per image \(N=2\)"),
-    ("box columns", (_S, _T, [_BOX, torch.zeros(3, 5)], _SHAPES),
-     r"gt_boxes\[1\] has shape \(3, 5\), expected \(n, 4\)"),
-    ("box dims", (_S, _T, [_BOX, torch.zeros(4)], _SHAPES),
-     r"gt_boxes\[1\] has shape \(4,\), expected \(n, 4\)"),
-    ("x2 > w", (_S, _T, [_BOX, torch.tensor([[0.0, 0.0, 41.0, 10.0]])], _SHAPES),
-     r"gt_boxes\[1\]\[0\] = \[0, 0, 41, 10\] lies outside img_shapes\[1\] \(h, w\) = \(36, 40\)"),
-    ("y2 > h", (_S, _T, [torch.tensor([[0.0, 0.0, 4.0, 40.5]]), _BOX], _SHAPES),
-     r"gt_boxes\[0\]\[0\] .* lies outside"),
-    ("negative", (_S, _T, [_BOX, torch.tensor([[1.0, 1.0, 2.0, 2.0], [-1.0, 0.0, 5.0, 5.0]])], _SHAPES),
-     r"gt_boxes\[1\]\[1\] = \[-1, 0, 5, 5\] has a negative coordinate"),
-    ("x2 < x1", (_S, _T, [torch.tensor([[5.0, 1.0, 4.0, 2.0]]), _BOX], _SHAPES),
-     r"gt_boxes\[0\]\[0\] .* x2 < x1"),
-    ("nan", (_S, _T, [torch.tensor([[float("nan"), 1.0, 4.0, 2.0]]), _BOX], _SHAPES),
-     r"gt_boxes\[0\]\[0\] .* not finite"),
-    ("img_shapes rows", (_S, _T, [_BOX, _BOX], torch.tensor([[40, 48, 3]])),
-     r"img_shapes has shape \(1, 3\)"),
+    (
+        "box list length",
+        (_S, _T, [_BOX], _SHAPES),
+        r"gt_boxes has 1 entries, expected one \[n_i, 4\] tensor per image \(N=2\)",
+    ),
+    (
+        "box columns",
+        (_S, _T, [_BOX, torch.zeros(3, 5)], _SHAPES),
+        r"gt_boxes\[1\] has shape \(3, 5\), expected \(n, 4\)",
+    ),
+    (
+        "box dims",
+        (_S, _T, [_BOX, torch.zeros(4)], _SHAPES),
+        r"gt_boxes\[1\] has shape \(4,\), expected \(n, 4\)",
+    ),
+    (
+        "x2 > w",
+        (_S, _T, [_BOX, torch.tensor([[0.0, 0.0, 41.0, 10.0]])], _SHAPES),
+        r"gt_boxes\[1\]\[0\] = \[0, 0, 41, 10\] lies outside img_shapes\[1\] \(h, w\) = \(36, 40\)",
+    ),
+    (
+        "y2 > h",
+        (_S, _T, [torch.tensor([[0.0, 0.0, 4.0, 40.5]]), _BOX], _SHAPES),
+        r"gt_boxes\[0\]\[0\] .* lies outside",
+    ),
+    (
+        "negative",
+        (_S, _T, [_BOX, torch.tensor([[1.0, 1.0, 2.0, 2.0], [-1.0, 0.0, 5.0, 5.0]])], _SHAPES),
+        r"gt_boxes\[1\]\[1\] = \[-1, 0, 5, 5\] has a negative coordinate",
+    ),
+    (
+        "x2 < x1",
+        (_S, _T, [torch.tensor([[5.0, 1.0, 4.0, 2.0]]), _BOX], _SHAPES),
+        r"gt_boxes\[0\]\[0\] .* x2 < x1",
+    ),
+    (
+        "nan",
+        (_S, _T, [torch.tensor([[float("nan"), 1.0, 4.0, 2.0]]), _BOX], _SHAPES),
+        r"gt_boxes\[0\]\[0\] .* not finite",
+    ),
+    (
+        "img_shapes rows",
+        (_S, _T, [_BOX, _BOX], torch.tensor([[40, 48, 3]])),
+        r"img_shapes has shape \(1, 3\)",
+    ),
     ("img_shapes list", (_S, _T, [_BOX, _BOX], [(40, 48)]), r"img_shapes has 1 entries"),
     ("img_shapes zero", (_S, _T, [_BOX, _BOX], [(40, 48), (0, 40)]), r"img_shapes\[1\] = \(0, 40\)"),
 ]

@@ -56,6 +56,7 @@ def test_dispatch_does_not_depend_on_case_names(case_dir):
     def rename(cases):
         cases["renamed_fpn_case"] = cases.pop("maskd_loss_fpn3")
         cases["another_fgd"] = cases.pop("fgd_edge_boxes")
+
     _edit_golden(case_dir, rename)
     (case_dir / "meta.json").unlink()
     results = {r.name: r for r in check_golden(case_dir)}
@@ -65,6 +66,7 @@ def test_dispatch_does_not_depend_on_case_names(case_dir):
 def test_value_off_fails(case_dir, capsys):
     def nudge(cases):
         cases["cwd_tau4"]["value"] *= 1 + 1e-8
+
     _edit_golden(case_dir, nudge)
     assert main(["check-golden", str(case_dir)]) == 1
     out = capsys.readouterr().out
@@ -94,6 +96,7 @@ def test_missing_file_and_missing_case_fail(case_dir, capsys):
 def test_unknown_case_fails(case_dir):
     def add(cases):
         cases["mystery"] = dict(cases["cwd_tau1"], loss="SomeOtherLoss()(x)", source="elsewhere/other.py")
+
     _edit_golden(case_dir, add)
     torch.save({}, case_dir / "inputs_stray.pt")
     results = {r.name: r for r in check_golden(case_dir)}

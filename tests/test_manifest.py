@@ -28,8 +28,12 @@ def test_every_shipped_manifest_loads_and_flattens(name):
 
 def test_shipped_set_covers_both_tasks_and_profiles():
     names = set(shipped_manifests())
-    assert {"embedded_detection", "embedded_detection_smoke", "embedded_segmentation",
-            "embedded_segmentation_smoke"} <= names
+    assert {
+        "embedded_detection",
+        "embedded_detection_smoke",
+        "embedded_segmentation",
+        "embedded_segmentation_smoke",
+    } <= names
 
 
 def _write(tmp_path, text, name="m.toml"):
@@ -42,9 +46,14 @@ BASE = 'base = "{base}"\n'
 
 
 def test_unknown_key_names_key_file_and_allowed(tmp_path):
-    path = _write(tmp_path, BASE.format(base=_shipped("embedded_detection_smoke")) + "[student_train]\nlr_sched = 3\n")
-    with pytest.raises(ManifestError, match=r"unknown key 'student_train.lr_sched' in m.toml; allowed in "
-                                            r"student_train: iterations"):
+    path = _write(
+        tmp_path, BASE.format(base=_shipped("embedded_detection_smoke")) + "[student_train]\nlr_sched = 3\n"
+    )
+    with pytest.raises(
+        ManifestError,
+        match=r"unknown key 'student_train.lr_sched' in m.toml; allowed in "
+        r"student_train: iterations",
+    ):
         load_manifest(path)
     path = _write(tmp_path, BASE.format(base=_shipped("embedded_detection_smoke")) + "colour = 'red'\n")
     with pytest.raises(ManifestError, match=r"unknown key 'colour'"):
@@ -60,17 +69,29 @@ def _shipped(name):
     return str(MANIFEST_DIR / f"{name}.toml")
 
 
-@pytest.mark.parametrize("body, pattern", [
-    ("[student_train]\niterations = 'many'\n", r"student_train.iterations must be an integer in m.toml, got str"),
-    ("[student_train]\nlr = true\n", r"student_train.lr must be a number"),
-    ("[student_train]\noptimizer = 'lion'\n", r"student_train.optimizer = 'lion' in m.toml; allowed: 'sgd'"),
-    ("[protocol]\nseeds = 3\n", r"protocol.seeds must be a list"),
-    ("[maskd]\ncustom_mask = 1\n", r"maskd.custom_mask must be bool"),
-    ("methods = ['baseline', 'kd']\n", r"unknown method 'kd'"),
-    ("[teacher]\nbackbone = 'vgg16'\n", r"teacher in m.toml: .*backbone"),
-    ("[teacher]\nimage_size = 256\n", r"teacher.image_size = 256 in m.toml differs from data.image_size = 128"),
-    ("[data]\ndigits_per_image = [1]\n", r"data"),
-])
+@pytest.mark.parametrize(
+    "body, pattern",
+    [
+        (
+            "[student_train]\niterations = 'many'\n",
+            r"student_train.iterations must be an integer in m.toml, got str",
+        ),
+        ("[student_train]\nlr = true\n", r"student_train.lr must be a number"),
+        (
+            "[student_train]\noptimizer = 'lion'\n",
+            r"student_train.optimizer = 'lion' in m.toml; allowed: 'sgd'",
+        ),
+        ("[protocol]\nseeds = 3\n", r"protocol.seeds must be a list"),
+        ("[maskd]\ncustom_mask = 1\n", r"maskd.custom_mask must be bool"),
+        ("methods = ['baseline', 'kd']\n", r"unknown method 'kd'"),
+        ("[teacher]\nbackbone = 'vgg16'\n", r"teacher in m.toml: .*backbone"),
+        (
+            "[teacher]\nimage_size = 256\n",
+            r"teacher.image_size = 256 in m.toml differs from data.image_size = 128",
+        ),
+        ("[data]\ndigits_per_image = [1]\n", r"data"),
+    ],
+)
 def test_wrong_types_and_values_are_named(tmp_path, body, pattern):
     path = _write(tmp_path, BASE.format(base=_shipped("embedded_detection_smoke")) + body)
     with pytest.raises(ManifestError, match=pattern):
@@ -78,8 +99,10 @@ def test_wrong_types_and_values_are_named(tmp_path, body, pattern):
 
 
 def test_fgd_is_refused_for_segmentation(tmp_path):
-    path = _write(tmp_path, BASE.format(base=_shipped("embedded_segmentation_smoke"))
-                  + "methods = ['baseline', 'fgd']\n")
+    path = _write(
+        tmp_path,
+        BASE.format(base=_shipped("embedded_segmentation_smoke")) + "methods = ['baseline', 'fgd']\n",
+    )
     with pytest.raises(ManifestError, match="fgd needs boxes"):
         load_manifest(path)
 
@@ -109,7 +132,8 @@ def test_overrides_and_hashes():
     assert student_hash(base, "maskd", 0) != student_hash(changed, "maskd", 0)
     assert student_hash(base, "maskd", 0) != student_hash(base, "maskd", 1)
     assert student_hash(base, "baseline", 0) == student_hash(
-        load_manifest("embedded_detection_smoke", parse_override("maskd.loss_weight=1.0")), "baseline", 0)
+        load_manifest("embedded_detection_smoke", parse_override("maskd.loss_weight=1.0")), "baseline", 0
+    )
     assert digest({"a": 1, "b": [1, 2]}) == digest({"b": [1, 2], "a": 1})
     with pytest.raises(ManifestError, match="section.key=value"):
         parse_override("nonsense")

@@ -10,12 +10,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from experiments.golden import check_case
-from maskd import MaskLearning, MasKDLoss, ReceptiveTokens, dice_coeff
+from maskd import MasKDLoss, MaskLearning, ReceptiveTokens, dice_coeff
 
 MASKD_CASES = [
-    "maskd_mask_gen", "maskd_mask_gen_refinit", "dice_coeff", "maskd_mask_learning_wm1", "maskd_mask_learning_wm0",
-    "maskd_loss_wm0_cm0", "maskd_loss_wm1_cm0", "maskd_loss_wm0_cm1", "maskd_loss_wm1_cm1",
-    "maskd_loss_wm1_cm1_prewarmup", "maskd_loss_fpn3", "maskd_seg",
+    "maskd_mask_gen",
+    "maskd_mask_gen_refinit",
+    "dice_coeff",
+    "maskd_mask_learning_wm1",
+    "maskd_mask_learning_wm0",
+    "maskd_loss_wm0_cm0",
+    "maskd_loss_wm1_cm0",
+    "maskd_loss_wm0_cm1",
+    "maskd_loss_wm1_cm1",
+    "maskd_loss_wm1_cm1_prewarmup",
+    "maskd_loss_fpn3",
+    "maskd_seg",
 ]
 
 
@@ -38,14 +47,17 @@ def test_golden_intermediates(reference_dir, golden_mode):
     torch.testing.assert_close(tokens.masks(inputs["y_t"]), outputs["mask_t"], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(tokens.masks(inputs["y_s"]), outputs["mask_s"], rtol=1e-12, atol=1e-14)
     for impl in ("fast", "literal"):
-        torch.testing.assert_close(tokens.token_weights(inputs["y_t"], impl=impl), outputs["weights"],
-                                   rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(
+            tokens.token_weights(inputs["y_t"], impl=impl), outputs["weights"], rtol=1e-12, atol=1e-14
+        )
     fpn_in = torch.load(reference_dir / "inputs_maskd_loss_fpn3.pt")
     fpn_out = torch.load(reference_dir / "outputs_maskd_loss_fpn3.pt")
     loss = MasKDLoss([16] * 3, 6, custom_mask_warmup=3, loss_weight=7.0)
     loss.load_tokens(fpn_in["checkpoint_state_dict"])
-    per_level = [7.0 * loss.level_loss(loss.mask_modules[i], fpn_in[f"y_s_{i}"], fpn_in[f"y_t_{i}"], True)
-                 for i in range(3)]
+    per_level = [
+        7.0 * loss.level_loss(loss.mask_modules[i], fpn_in[f"y_s_{i}"], fpn_in[f"y_t_{i}"], True)
+        for i in range(3)
+    ]
     torch.testing.assert_close(torch.stack(per_level), fpn_out["per_level"], rtol=1e-10, atol=0)
 
 
@@ -69,8 +81,17 @@ def test_weight_head_init_is_fan_out_normal():
 # ------------------------------------------------------------------------------------------ fast == literal
 def _random_loss(seed, levels, channels, tokens, weight_head, custom, variant, frozen, impl, mask_power=2):
     torch.manual_seed(seed)
-    loss = MasKDLoss([channels] * levels, tokens, weight_head=weight_head, custom_mask=custom,
-                     custom_mask_warmup=2, variant=variant, frozen=frozen, impl=impl, mask_power=mask_power)
+    loss = MasKDLoss(
+        [channels] * levels,
+        tokens,
+        weight_head=weight_head,
+        custom_mask=custom,
+        custom_mask_warmup=2,
+        variant=variant,
+        frozen=frozen,
+        impl=impl,
+        mask_power=mask_power,
+    )
     with torch.no_grad():
         for m in loss.mask_modules:
             m.mask_token.normal_(0, 0.3)
@@ -82,18 +103,31 @@ def _random_loss(seed, levels, channels, tokens, weight_head, custom, variant, f
 
 @settings(max_examples=25, deadline=None)
 @given(
-    seed=st.integers(0, 2**16), levels=st.integers(1, 3), channels=st.integers(1, 9), tokens=st.integers(1, 5),
-    batch=st.integers(1, 3), height=st.integers(1, 7), width=st.integers(1, 7), weight_head=st.booleans(),
-    custom=st.booleans(), step=st.integers(0, 4), variant=st.sampled_from(["detection", "segmentation"]),
+    seed=st.integers(0, 2**16),
+    levels=st.integers(1, 3),
+    channels=st.integers(1, 9),
+    tokens=st.integers(1, 5),
+    batch=st.integers(1, 3),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    weight_head=st.booleans(),
+    custom=st.booleans(),
+    step=st.integers(0, 4),
+    variant=st.sampled_from(["detection", "segmentation"]),
     mask_power=st.sampled_from([1, 2]),
 )
-def test_fast_equals_literal(seed, levels, channels, tokens, batch, height, width, weight_head, custom, step,
-                             variant, mask_power):
+def test_fast_equals_literal(
+    seed, levels, channels, tokens, batch, height, width, weight_head, custom, step, variant, mask_power
+):
     with torch.autocast("cpu", enabled=False):
         torch.set_default_dtype(torch.float64)
         try:
-            losses = {impl: _random_loss(seed, levels, channels, tokens, weight_head, custom, variant, False, impl,
-                                         mask_power) for impl in ("fast", "literal")}
+            losses = {
+                impl: _random_loss(
+                    seed, levels, channels, tokens, weight_head, custom, variant, False, impl, mask_power
+                )
+                for impl in ("fast", "literal")
+            }
             g = torch.Generator().manual_seed(seed)
             shapes = [(batch, channels, max(1, height >> i), max(1, width >> i)) for i in range(levels)]
             teacher = [torch.randn(s, generator=g) for s in shapes]
@@ -113,8 +147,14 @@ def test_fast_equals_literal(seed, levels, channels, tokens, batch, height, widt
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**16), channels=st.integers(1, 8), tokens=st.integers(1, 5), height=st.integers(1, 6),
-       width=st.integers(1, 6), weight_head=st.booleans())
+@given(
+    seed=st.integers(0, 2**16),
+    channels=st.integers(1, 8),
+    tokens=st.integers(1, 5),
+    height=st.integers(1, 6),
+    width=st.integers(1, 6),
+    weight_head=st.booleans(),
+)
 def test_mask_learning_fast_equals_literal(seed, channels, tokens, height, width, weight_head):
     torch.manual_seed(seed)
     fast = MaskLearning([channels], tokens, weight_head=weight_head, impl="fast").double()
@@ -226,8 +266,11 @@ def test_bad_input_errors_name_the_tensor():
     s, t = _pair()
     with pytest.raises(ValueError, match=r"student_feats has 1 levels but the loss was built for 2"):
         loss([s], [t], step=0)
-    with pytest.raises(ValueError, match=r"student_feats\[1\] has shape \(2, 8, 5, 6\) but teacher_feats\[1\] "
-                                         r"has shape \(2, 8, 4, 6\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"student_feats\[1\] has shape \(2, 8, 5, 6\) but teacher_feats\[1\] "
+        r"has shape \(2, 8, 4, 6\)",
+    ):
         loss([s, s], [t, t[:, :, :4]], step=0)
     with pytest.raises(ValueError, match=r"teacher_feats\[0\] has shape \(2, 6, 5, 6\) with 6 channels"):
         loss([s[:, :6], s], [t[:, :6], t], step=0)
@@ -245,7 +288,9 @@ def test_token_checkpoint_errors():
         torch.testing.assert_close(loss.state_dict()[k], v)
     wrong = dict(good)
     wrong["mask_modules.1.mask_token"] = torch.zeros(6, 8)
-    with pytest.raises(ValueError, match=r"mask_modules\.1\.mask_token has shape \(6, 8\), expected \(4, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"mask_modules\.1\.mask_token has shape \(6, 8\), expected \(4, 8\)"
+    ):
         loss.load_tokens(wrong)
     with pytest.raises(ValueError, match=r"lacks mask_modules\.1\.mask_token"):
         loss.load_tokens({k: v for k, v in good.items() if not k.startswith("mask_modules.1.mask_token")})
@@ -263,15 +308,27 @@ def test_constructor_errors():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 2**16), tokens=st.integers(1, 5), height=st.integers(1, 7), width=st.integers(1, 7),
-       weight_head=st.booleans(), mask_power=st.sampled_from([1, 2]))
+@given(
+    seed=st.integers(0, 2**16),
+    tokens=st.integers(1, 5),
+    height=st.integers(1, 7),
+    width=st.integers(1, 7),
+    weight_head=st.booleans(),
+    mask_power=st.sampled_from([1, 2]),
+)
 def test_frozen_fast_path_equals_literal(seed, tokens, height, width, weight_head, mask_power):
     """The frozen fast path (custom autograd function) against the literal form, value and student gradient."""
-    losses = {impl: _random_loss(seed, 2, 6, tokens, weight_head, True, "detection", True, impl, mask_power).double()
-              for impl in ("fast", "literal")}
+    losses = {
+        impl: _random_loss(
+            seed, 2, 6, tokens, weight_head, True, "detection", True, impl, mask_power
+        ).double()
+        for impl in ("fast", "literal")
+    }
     g = torch.Generator().manual_seed(seed)
-    teacher = [torch.randn(2, 6, max(1, height >> i), max(1, width >> i), generator=g, dtype=torch.float64)
-               for i in range(2)]
+    teacher = [
+        torch.randn(2, 6, max(1, height >> i), max(1, width >> i), generator=g, dtype=torch.float64)
+        for i in range(2)
+    ]
     student = [0.6 * t + 0.8 * torch.randn(t.shape, generator=g, dtype=torch.float64) for t in teacher]
     out = {}
     for impl, loss in losses.items():

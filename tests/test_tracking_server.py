@@ -34,10 +34,24 @@ def mlflow_server(tmp_path):
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = (tmp_path / "server.log").open("wb")
     proc = subprocess.Popen(
-        [mlflow_exe, "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            mlflow_exe,
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -71,7 +85,13 @@ def test_smoke_run_logged_over_http(mlflow_server, tmp_path, monkeypatch):
     tracker = Tracker(mlflow_server)
     assert tracker.uri.startswith("http://127.0.0.1")
     pipeline = Pipeline(tracker, progress=False)
-    tags = {"kind": "manifest", "task": manifest.task, "method": "all", "seed": "all", "config_hash": "manifest"}
+    tags = {
+        "kind": "manifest",
+        "task": manifest.task,
+        "method": "all",
+        "seed": "all",
+        "config_hash": "manifest",
+    }
     with tracker.run("manifest/http-smoke", tags, manifest.flat()) as parent:
         pipeline.run_manifest(manifest, parent.info.run_id, seeds=[0])
 
