@@ -36,14 +36,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._levels import pair_levels
+
 __all__ = ["ChannelWiseDivergence", "channel_wise_divergence"]
 
 
 def _check_pair(student: Tensor, teacher: Tensor, s_name: str, t_name: str) -> None:
     if not isinstance(student, Tensor) or not isinstance(teacher, Tensor):
         raise ValueError(
-            f"{s_name} and {t_name} must be tensors, got {type(student).__name__} and "
-            f"{type(teacher).__name__}"
+            f"{s_name} and {t_name} must be tensors, got {type(student).__name__} and {type(teacher).__name__}"
         )
     if student.dim() != 4:
         raise ValueError(f"{s_name} must be 4-D [N, C, H, W], got shape {tuple(student.shape)}")
@@ -116,14 +117,12 @@ class ChannelWiseDivergence(nn.Module):
     def extra_repr(self) -> str:
         return f"tau={self.tau}, loss_weight={self.loss_weight}, detach_teacher={self.detach_teacher}"
 
-    def forward(
-        self, student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor]
-    ) -> Tensor:
+    def forward(self, student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """Args: one ``[N, C, H, W]`` tensor each, or equally long sequences of per-level tensors.
 
         Returns a 0-dim tensor. Raises ``ValueError`` on mismatched types, level counts or shapes.
         """
-        pairs = _levels(student_feats, teacher_feats)
+        pairs = pair_levels(student_feats, teacher_feats)
         total: Tensor | None = None
         for s_name, t_name, s, t in pairs:
             _check_pair(s, t, s_name, t_name)
@@ -133,32 +132,3 @@ class ChannelWiseDivergence(nn.Module):
             total = level if total is None else total + level
         assert total is not None
         return self.loss_weight * total
-
-
-def _levels(
-    student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor]
-) -> list[tuple[str, str, Tensor, Tensor]]:
-    s_is_t = isinstance(student_feats, Tensor)
-    t_is_t = isinstance(teacher_feats, Tensor)
-    if s_is_t and t_is_t:
-        return [("student_feats", "teacher_feats", student_feats, teacher_feats)]
-    if s_is_t != t_is_t:
-        raise ValueError(
-            "student_feats and teacher_feats must both be tensors or both be sequences of tensors, got "
-            f"{type(student_feats).__name__} and {type(teacher_feats).__name__}"
-        )
-    if not isinstance(student_feats, Sequence) or not isinstance(teacher_feats, Sequence):
-        raise ValueError(
-            "student_feats and teacher_feats must be tensors or sequences of tensors, got "
-            f"{type(student_feats).__name__} and {type(teacher_feats).__name__}"
-        )
-    if len(student_feats) != len(teacher_feats):
-        raise ValueError(
-            f"student_feats has {len(student_feats)} levels but teacher_feats has {len(teacher_feats)}"
-        )
-    if len(student_feats) == 0:
-        raise ValueError("student_feats and teacher_feats are empty; need at least one level")
-    return [
-        (f"student_feats[{i}]", f"teacher_feats[{i}]", s, t)
-        for i, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True))
-    ]

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._levels import pair_levels
+
 __all__ = ["FitNetMSE", "MdistillerFitNet", "MmrazorL2Loss"]
 
 
@@ -53,47 +55,6 @@ def _channel_list(value: int | Sequence[int], name: str) -> list[int] | None:
             raise ValueError(f"{name}[{i}] must be a positive int, got {v!r}")
         out.append(int(v))
     return out
-
-
-def _pair_levels(
-    student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor], num_levels: int
-) -> list[tuple[str, str, Tensor, Tensor]]:
-    s_is_t = isinstance(student_feats, Tensor)
-    t_is_t = isinstance(teacher_feats, Tensor)
-    if s_is_t and t_is_t:
-        if num_levels != 1:
-            raise ValueError(
-                f"got single tensors but the loss was built for {num_levels} levels; pass sequences of "
-                f"{num_levels} tensors"
-            )
-        return [("student_feats", "teacher_feats", student_feats, teacher_feats)]
-    if s_is_t != t_is_t:
-        raise ValueError(
-            "student_feats and teacher_feats must both be tensors or both be sequences of tensors, got "
-            f"{type(student_feats).__name__} and {type(teacher_feats).__name__}"
-        )
-    if not isinstance(student_feats, Sequence) or not isinstance(teacher_feats, Sequence):
-        raise ValueError(
-            "student_feats and teacher_feats must be tensors or sequences of tensors, got "
-            f"{type(student_feats).__name__} and {type(teacher_feats).__name__}"
-        )
-    if len(student_feats) != num_levels:
-        raise ValueError(
-            f"student_feats has {len(student_feats)} levels, the loss was built for {num_levels}"
-        )
-    if len(teacher_feats) != num_levels:
-        raise ValueError(
-            f"teacher_feats has {len(teacher_feats)} levels, the loss was built for {num_levels}"
-        )
-    pairs = []
-    for i, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
-        if not isinstance(s, Tensor) or not isinstance(t, Tensor):
-            raise ValueError(
-                f"student_feats[{i}] and teacher_feats[{i}] must be tensors, got "
-                f"{type(s).__name__} and {type(t).__name__}"
-            )
-        pairs.append((f"student_feats[{i}]", f"teacher_feats[{i}]", s, t))
-    return pairs
 
 
 def _require_4d(x: Tensor, name: str) -> None:
@@ -145,9 +106,7 @@ class FitNetMSE(nn.Module):
             t_list = [int(teacher_channels)] * len(s_list)  # type: ignore[arg-type]
         assert s_list is not None and t_list is not None
         if len(s_list) != len(t_list):
-            raise ValueError(
-                f"student_channels has {len(s_list)} levels but teacher_channels has {len(t_list)}"
-            )
+            raise ValueError(f"student_channels has {len(s_list)} levels but teacher_channels has {len(t_list)}")
         if not align:
             for i, (cs, ct) in enumerate(zip(s_list, t_list, strict=True)):
                 if cs != ct:
@@ -170,10 +129,8 @@ class FitNetMSE(nn.Module):
             f"loss_weight={self.loss_weight}"
         )
 
-    def forward(
-        self, student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor]
-    ) -> Tensor:
-        pairs = _pair_levels(student_feats, teacher_feats, self.num_levels)
+    def forward(self, student_feats: Tensor | Sequence[Tensor], teacher_feats: Tensor | Sequence[Tensor]) -> Tensor:
+        pairs = pair_levels(student_feats, teacher_feats, self.num_levels)
         total: Tensor | None = None
         for lvl, (s_name, t_name, s, t) in enumerate(pairs):
             _require_4d(s, s_name)
@@ -285,9 +242,7 @@ class MdistillerFitNet(nn.Module):
                 f"{self.student_channels}"
             )
         if teacher_feats.shape[1] != self.teacher_channels:
-            raise ValueError(
-                f"teacher_feats has {teacher_feats.shape[1]} channels, expected {self.teacher_channels}"
-            )
+            raise ValueError(f"teacher_feats has {teacher_feats.shape[1]} channels, expected {self.teacher_channels}")
         reg = self.regress(student_feats)
         if reg.shape != teacher_feats.shape:
             raise ValueError(

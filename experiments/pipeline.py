@@ -134,9 +134,7 @@ class Pipeline:
             return None
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    def _common_tags(
-        self, m: Manifest, kind: str, method: str, seed: int, config_hash: str
-    ) -> dict[str, str]:
+    def _common_tags(self, m: Manifest, kind: str, method: str, seed: int, config_hash: str) -> dict[str, str]:
         return {
             "kind": kind,
             "task": m.task,
@@ -150,15 +148,27 @@ class Pipeline:
     def _log_manifest(self, run_id: str, m: Manifest) -> None:
         self.tracker.client.log_dict(run_id, m.to_dict(), "manifest.json")
 
+    def _reused(
+        self, kind: str, config_hash: str, run_name: str, parent_id: str, checkpoint: str | None = None
+    ) -> StageOutcome | None:
+        """A reuse record under ``parent_id`` for a finished run of ``kind`` with ``config_hash`` (and, if the stage
+        hands a checkpoint on, that checkpoint); None when the stage must run."""
+        found = self.tracker.find_finished(config_hash, kind) if self.reuse else None
+        if found is None:
+            return None
+        state = self._checkpoint(found, config_hash, checkpoint) if checkpoint else None
+        if checkpoint and state is None:
+            return None
+        rid = self.tracker.record_reuse(found, run_name, parent_id)
+        return StageOutcome(rid, dict(found.data.metrics), state, True)
+
     # ---------------------------------------------------------------------------------------- stages
     def teacher(self, m: Manifest, parent_id: str) -> StageOutcome:
         h = teacher_hash(m)
         tags = self._common_tags(m, "teacher", "teacher", 0, h)
-        found = self.tracker.find_finished(h, "teacher") if self.reuse else None
-        state = self._checkpoint(found, h, "teacher") if found else None
-        if found and state is not None:
-            rid = self.tracker.record_reuse(found, f"{m.task}/teacher", parent_id)
-            return StageOutcome(rid, dict(found.data.metrics), state, True)
+        reused = self._reused("teacher", h, f"{m.task}/teacher", parent_id, checkpoint="teacher")
+        if reused is not None:
+            return reused
         cached = self._checkpoint(None, h, "teacher") if self.reuse else None
         with self.tracker.run(f"{m.task}/teacher", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
@@ -176,11 +186,9 @@ class Pipeline:
     def tokens(self, m: Manifest, teacher_state: dict[str, torch.Tensor], parent_id: str) -> StageOutcome:
         h = tokens_hash(m)
         tags = self._common_tags(m, "tokens", "maskd", 0, h)
-        found = self.tracker.find_finished(h, "tokens") if self.reuse else None
-        state = self._checkpoint(found, h, "tokens") if found else None
-        if found and state is not None:
-            rid = self.tracker.record_reuse(found, f"{m.task}/tokens", parent_id)
-            return StageOutcome(rid, dict(found.data.metrics), state, True)
+        reused = self._reused("tokens", h, f"{m.task}/tokens", parent_id, checkpoint="tokens")
+        if reused is not None:
+            return reused
         with self.tracker.run(f"{m.task}/tokens", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
@@ -195,21 +203,16 @@ class Pipeline:
             self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
-    def student(
-        self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str
-    ) -> StageOutcome:
+    def student(self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str) -> StageOutcome:
         h = student_hash(m, method, seed)
         tags = self._common_tags(m, "student", method, seed, h)
-        found = self.tracker.find_finished(h, "student") if self.reuse else None
-        if found is not None:
-            rid = self.tracker.record_reuse(found, f"{m.task}/{method}/s{seed}", parent_id)
-            return StageOutcome(rid, dict(found.data.metrics), None, True)
+        reused = self._reused("student", h, f"{m.task}/{method}/s{seed}", parent_id)
+        if reused is not None:
+            return reused
         with self.tracker.run(f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
-            result = stages.train_student(
-                m, method, seed, teacher_state, token_state, self._logger(rid), self.progress
-            )
+            result = stages.train_student(m, method, seed, teacher_state, token_state, self._logger(rid), self.progress)
             self.tracker.log_metrics(rid, result.metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "student.pt"
@@ -229,9 +232,7 @@ class Pipeline:
         images, masks = images_and_masks
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "masks.png"
-            mask_grid_png(
-                images, masks, m.features_for("maskd"), path, title=f"{m.name}: receptive-token masks"
-            )
+            mask_grid_png(images, masks, m.features_for("maskd"), path, title=f"{m.name}: receptive-token masks")
             self.tracker.client.log_artifact(run_id, str(path), "figures")
 
     # ---------------------------------------------------------------------------------------- manifests
