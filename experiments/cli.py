@@ -37,9 +37,7 @@ def _check_golden(args: argparse.Namespace) -> int:
     all_results = []
     for impl in impls:
         try:
-            results = check_golden(
-                args.directory, impl=impl, rtol_value=args.rtol_value, rtol_grad=args.rtol_grad
-            )
+            results = check_golden(args.directory, impl=impl, rtol_value=args.rtol_value, rtol_grad=args.rtol_grad)
         except FileNotFoundError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
@@ -99,6 +97,31 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from experiments.calibrate import initial_losses
+    from experiments.manifest import load_manifest
+    from experiments.pipeline import Pipeline
+    from experiments.tracking import Tracker
+
+    manifest = load_manifest(args.manifest, _overrides(args.set))
+    tracker = Tracker(args.tracking_uri)
+    tracker.fail_stale_runs()
+    pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
+    tags = {"kind": "calibration", "task": manifest.task, "method": "all", "seed": "all", "config_hash": "calibration"}
+    with tracker.run(f"calibrate/{manifest.name}", tags, manifest.flat()) as parent:
+        teacher = pipeline.teacher(manifest, parent.info.run_id)
+        tokens = (
+            pipeline.tokens(manifest, teacher.state_dict, parent.info.run_id) if "maskd" in manifest.methods else None
+        )
+        rows = initial_losses(manifest, teacher.state_dict, tokens.state_dict if tokens else None, args.batches)
+        tracker.log_metrics(parent.info.run_id, {f"initial_kd/{r.method}": r.kd_loss for r in rows})
+    print(f"{manifest.name}: mean over the first {args.batches} batches, untrained seed-0 student")
+    print(f"{'method':8s} {'knob':20s} {'current':>12s} {'kd loss':>12s} {'task loss':>10s} {'suggested':>12s}")
+    for r in rows:
+        print(f"{r.method:8s} {r.knob:20s} {r.current:12.6g} {r.kd_loss:12.6g} {r.task_loss:10.4g} {r.suggested:12.6g}")
+    return 0
+
+
 def _show(args: argparse.Namespace) -> int:
     from experiments.manifest import load_manifest
 
@@ -152,15 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
             "http://127.0.0.1:5000 for an mlflow server)",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
-        p.add_argument(
-            "--no-reuse", action="store_true", help="recompute runs even if a finished one matches"
-        )
+        p.add_argument("--no-reuse", action="store_true", help="recompute runs even if a finished one matches")
 
     rep = sub.add_parser(
         "reproduce",
         help="the embedded main table (runs or reuses every stage)",
-        description="Run or reuse everything for the embedded main table and write "
-        "main_table.md/.csv from MLflow.",
+        description="Run or reuse everything for the embedded main table and write main_table.md/.csv from MLflow.",
     )
     rep.add_argument(
         "--profile",
@@ -185,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seeds", nargs="+", type=int)
     tracking_args(run)
     run.set_defaults(func=_run)
+
+    cal = sub.add_parser(
+        "calibrate-weights",
+        help="size of every distillation loss at the start of training",
+        description="Train or reuse the teacher (and tokens), then print each method's loss on the "
+        "first training batches next to the task loss, and the weight that makes them "
+        "equal (the rule the embedded manifests use).",
+    )
+    cal.add_argument("manifest")
+    cal.add_argument("--set", action="append", metavar="KEY=VALUE")
+    cal.add_argument("--batches", type=int, default=4)
+    tracking_args(cal)
+    cal.set_defaults(func=_calibrate)
 
     show = sub.add_parser("show", help="print a resolved manifest")
     show.add_argument("manifest")

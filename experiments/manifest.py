@@ -114,6 +114,7 @@ class MasKDCfg:
     custom_mask: bool = True
     custom_mask_warmup: int = 50
     variant: Literal["detection", "segmentation"] = "detection"
+    area_eps: float | None = None  # None: the variant's (detection 0, as the official code; segmentation 1e-5)
     mask_power: int = 2
     masks: Literal["learned", "untrained", "uniform"] = "learned"
     features: list[str] = field(default_factory=list)

@@ -55,6 +55,24 @@ def check_runs(frame, manifests: list[Manifest]) -> None:
                 raise TableError(f"{m.task}/{method}: non-finite {metric} {bad}")
 
 
+def export_mask_figures(tracker: Tracker, parent_id: str, out_dir: Path) -> list[Path]:
+    """Copy each task's receptive-token mask grid (logged with its token-learning run) to ``out_dir``."""
+    written = []
+    for run in tracker.children(parent_id):
+        if run.data.tags.get("kind") != "tokens":
+            continue
+        source = run.data.tags.get("reused_from", run.info.run_id)
+        try:
+            png = tracker.download(source, "figures/masks.png")
+        except Exception:  # a store without the artifact: the table stands without the figure
+            continue
+        target = out_dir / f"masks_{run.data.tags.get('task', 'task')}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(png.read_bytes())
+        written.append(target)
+    return written
+
+
 def reproduce(
     profile: str = "default",
     tracking_uri: str | None = None,
@@ -100,4 +118,5 @@ def reproduce(
         tracker.log_metrics(parent_id, {"wall_time_s": wall})
         tracker.client.log_artifact(parent_id, str(csv_path), "table")
         tracker.client.log_artifact(parent_id, str(md_path), "table")
+        export_mask_figures(tracker, parent_id, out_dir)
     return csv_path, md_path, parent_id

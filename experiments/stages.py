@@ -524,6 +524,7 @@ class Distiller(nn.Module):
                 custom_mask_warmup=c.custom_mask_warmup,
                 loss_weight=c.loss_weight,
                 variant=c.variant,
+                area_eps=c.area_eps,
                 mask_power=c.mask_power,
             )
             if c.masks == "learned":

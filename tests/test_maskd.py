@@ -355,3 +355,19 @@ def test_frozen_fast_path_refuses_a_second_backward():
     value.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="one backward pass"):
         value.backward()
+
+
+def test_saturated_masks_official_nan_and_area_eps():
+    """A token whose mask underflows to 0 on every pixel (teacher logits below about -104 in float32): the official
+    detection loss divides 0 by 0; ``area_eps`` (the segmentation variant's 1e-5) keeps it finite."""
+    s, t = _pair()
+    t = t.abs() + 1.0  # positive features: a negative token is negative at every pixel
+    for impl in ("fast", "literal"):
+        official = MasKDLoss([8], 2, weight_head=False, custom_mask=False, impl=impl)
+        with torch.no_grad():
+            official.mask_modules[0].mask_token[0].fill_(-100.0)
+        assert (official.mask_modules[0].masks(t)[:, 0] == 0).all()
+        assert torch.isnan(official(s, t))
+        safe = MasKDLoss([8], 2, weight_head=False, custom_mask=False, impl=impl, area_eps=1e-5)
+        safe.load_tokens(official.state_dict())
+        assert torch.isfinite(safe(s, t))

@@ -33,6 +33,7 @@ def test_smoke_table_end_to_end_and_reuse(tmp_path, cache):
     students = table[table.method != "teacher"]
     assert (students.n_seeds == 2).all() and students["std"].map(math.isfinite).all()
     assert "## Protocol" in md_path.read_text() and "Teacher − baseline student gap" in md_path.read_text()
+    assert {p.name for p in (tmp_path / "out").glob("masks_*.png")} == {"masks_detection.png", "masks_segmentation.png"}
 
     tracker = Tracker(uri)
     children = tracker.children(parent)
@@ -41,9 +42,7 @@ def test_smoke_table_end_to_end_and_reuse(tmp_path, cache):
         assert run.info.status == "FINISHED", run.data.tags
         assert run.data.metrics and all(math.isfinite(v) for v in run.data.metrics.values())
         assert {"task", "method", "seed", "config_hash", "git_commit", "torch_version"} <= set(run.data.tags)
-    maskd_run = next(
-        r for r in children if r.data.tags["method"] == "maskd" and r.data.tags["kind"] == "student"
-    )
+    maskd_run = next(r for r in children if r.data.tags["method"] == "maskd" and r.data.tags["kind"] == "student")
     artifacts = {a.path for a in tracker.client.list_artifacts(maskd_run.info.run_id)}
     assert {"manifest.json", "checkpoint", "figures"} <= artifacts
     step_metrics = tracker.client.get_metric_history(maskd_run.info.run_id, "loss/kd_maskd")

@@ -20,13 +20,16 @@ def test_ci95_matches_the_t_table():
 
 
 def _frame(rows):
-    return pd.DataFrame(rows, columns=["task", "method", "seed", "kind", "mAP", "step_time_s", "params",
-                                       "added_params"])
+    return pd.DataFrame(
+        rows, columns=["task", "method", "seed", "kind", "mAP", "step_time_s", "params", "added_params"]
+    )
 
 
 def test_paired_t_test_by_hand():
-    frame = _frame([("detection", "maskd", s, "student", v, 1, 1, 0) for s, v in enumerate([1.0, 2.0, 3.0])]
-                   + [("detection", "baseline", s, "student", v, 1, 1, 0) for s, v in enumerate([0.5, 1.9, 2.4])])
+    frame = _frame(
+        [("detection", "maskd", s, "student", v, 1, 1, 0) for s, v in enumerate([1.0, 2.0, 3.0])]
+        + [("detection", "baseline", s, "student", v, 1, 1, 0) for s, v in enumerate([0.5, 1.9, 2.4])]
+    )
     result = paired(frame, "mAP", "maskd", "baseline")
     # differences 0.5, 0.1, 0.6: mean 0.4, sd 0.26458, t = 0.4 / (0.26458 / sqrt 3) = 2.6186 with 2 df,
     # two-sided p = 0.1200 (t distribution, 2 df: p = 1 - t / sqrt(t^2 + 2)).
@@ -43,8 +46,19 @@ def test_main_table_rows_and_sentences(tmp_path):
     rows = [("detection", "teacher", 0, "teacher", 20.0, 0.3, 1e7, 0)]
     values = {"baseline": [10.0, 10.5, 11.0], "fitnet": [10.2, 10.4, 11.1], "maskd": [12.0, 12.6, 13.1]}
     for method, vals in values.items():
-        rows += [("detection", method, s, "student", v, 0.2 if method != "baseline" else 0.1, 1e6,
-                  0 if method == "baseline" else 5000) for s, v in enumerate(vals)]
+        rows += [
+            (
+                "detection",
+                method,
+                s,
+                "student",
+                v,
+                0.2 if method != "baseline" else 0.1,
+                1e6,
+                0 if method == "baseline" else 5000,
+            )
+            for s, v in enumerate(vals)
+        ]
     table = main_table(_frame(rows), {"detection": "fcos"})
     assert list(table.method) == ["teacher", "baseline", "fitnet", "maskd"]
     maskd = table[table.method == "maskd"].iloc[0]
