@@ -66,7 +66,8 @@ class Row:
     repeats: int
 
 
-def _features(levels, device, dtype, seed=0, channels=CHANNELS):
+def _features(levels, device, dtype, seed=0, channels=None):
+    channels = channels or CHANNELS
     g = torch.Generator().manual_seed(seed)
     teacher = [torch.randn(BATCH, channels, h, w, generator=g).to(device, dtype) for h, w in levels]
     student = [
