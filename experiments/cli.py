@@ -70,20 +70,14 @@ def _run(args: argparse.Namespace) -> int:
 
     from experiments.manifest import load_manifest
     from experiments.pipeline import Pipeline, count_stages
-    from experiments.tracking import Tracker
+    from experiments.tracking import Tracker, parent_tags
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
     methods = args.methods or None
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
-    tags = {
-        "kind": "manifest",
-        "task": manifest.task,
-        "method": "all",
-        "seed": "all",
-        "config_hash": "manifest",
-    }
+    tags = parent_tags("manifest", manifest.task)
     with tracker.run(f"manifest/{manifest.name}", tags, manifest.flat()) as parent:
         total = count_stages(manifest, methods, args.seeds)
         with tqdm(total=total, desc=manifest.name, unit="run", disable=args.no_progress) as overall:
@@ -101,13 +95,13 @@ def _calibrate(args: argparse.Namespace) -> int:
     from experiments.calibrate import initial_losses
     from experiments.manifest import load_manifest
     from experiments.pipeline import Pipeline
-    from experiments.tracking import Tracker
+    from experiments.tracking import Tracker, parent_tags
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
-    tags = {"kind": "calibration", "task": manifest.task, "method": "all", "seed": "all", "config_hash": "calibration"}
+    tags = parent_tags("calibration", manifest.task)
     with tracker.run(f"calibrate/{manifest.name}", tags, manifest.flat()) as parent:
         teacher = pipeline.teacher(manifest, parent.info.run_id)
         tokens = (

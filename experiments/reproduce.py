@@ -15,7 +15,7 @@ from .manifest import Manifest, load_manifest
 from .paths import repo_root
 from .pipeline import Pipeline, count_stages
 from .report import main_table, markdown, runs_frame, write_table
-from .tracking import Tracker
+from .tracking import Tracker, parent_tags
 
 PROFILES: dict[str, list[str]] = {
     "default": ["embedded_detection", "embedded_segmentation"],
@@ -88,14 +88,7 @@ def reproduce(
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=progress, reuse=reuse)
     start = time.perf_counter()
-    tags = {
-        "kind": "table",
-        "profile": profile,
-        "task": "all",
-        "method": "all",
-        "seed": "all",
-        "config_hash": "table",
-    }
+    tags = parent_tags("table", profile=profile)
     params = {f"manifest.{m.task}": m.name for m in manifests}
     with tracker.run(f"table/{profile}", tags, params) as parent:
         parent_id = parent.info.run_id

@@ -39,9 +39,7 @@ def git_commit() -> str:
     if root is None:
         return "unknown"
     try:
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -68,6 +66,11 @@ def environment_tags() -> dict[str, str]:
         "python_version": platform.python_version(),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
+
+
+def parent_tags(kind: str, task: str = "all", **extra: str) -> dict[str, str]:
+    """Tags of a parent run that groups stage runs (a table, one manifest, a calibration)."""
+    return {"kind": kind, "task": task, "method": "all", "seed": "all", "config_hash": kind, **extra}
 
 
 class Tracker:
@@ -172,9 +175,7 @@ class Tracker:
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i : i + 1000], synchronous=True)
 
-    def record_reuse(
-        self, source: Run, name: str, parent_run_id: str, extra_tags: Mapping[str, Any] = ()
-    ) -> str:
+    def record_reuse(self, source: Run, name: str, parent_run_id: str, extra_tags: Mapping[str, Any] = ()) -> str:
         """A FINISHED child under ``parent_run_id`` that points at ``source`` and copies its final metrics and
         params, so each table's parent holds every run the table uses."""
         tags = {k: v for k, v in source.data.tags.items() if not k.startswith("mlflow.")}
@@ -199,4 +200,12 @@ def run_status(client: MlflowClient, run_id: str) -> str:
     return client.get_run(run_id).info.status
 
 
-__all__ = ["EXPERIMENT", "Tracker", "RunStatus", "default_tracking_uri", "environment_tags", "git_commit"]
+__all__ = [
+    "EXPERIMENT",
+    "Tracker",
+    "parent_tags",
+    "RunStatus",
+    "default_tracking_uri",
+    "environment_tags",
+    "git_commit",
+]

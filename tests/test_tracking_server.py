@@ -17,7 +17,7 @@ import pytest
 
 from experiments.manifest import load_manifest
 from experiments.pipeline import Pipeline
-from experiments.tracking import Tracker
+from experiments.tracking import Tracker, parent_tags
 
 
 def _free_port() -> int:
@@ -85,13 +85,7 @@ def test_smoke_run_logged_over_http(mlflow_server, tmp_path, monkeypatch):
     tracker = Tracker(mlflow_server)
     assert tracker.uri.startswith("http://127.0.0.1")
     pipeline = Pipeline(tracker, progress=False)
-    tags = {
-        "kind": "manifest",
-        "task": manifest.task,
-        "method": "all",
-        "seed": "all",
-        "config_hash": "manifest",
-    }
+    tags = parent_tags("manifest", manifest.task)
     with tracker.run("manifest/http-smoke", tags, manifest.flat()) as parent:
         pipeline.run_manifest(manifest, parent.info.run_id, seeds=[0])
 
