@@ -1,4 +1,5 @@
-"""Sessions: ``tests`` (the CI gate), ``bench_losses`` (loss benchmark table), ``lint``.
+"""Sessions: ``tests`` (the CI gate), ``bench_losses``, ``check_golden``, ``reproduce_table``, ``ablations``,
+``mlflow_ui``, ``lint``.
 
 Virtualenvs are built by uv and reused (a torch venv is 5.5 GB; uv hard-links it from its cache in seconds, see
 shared ECOSYSTEM.md §2). Every session that imports torch installs the project itself, so a fresh clone needs only
@@ -53,6 +54,14 @@ def reproduce_table(session: nox.Session) -> None:
     """The embedded main table: reports/embedded/main_table.{md,csv}. ``-- --profile smoke`` for a quick run."""
     session.install("-e", ".")
     session.run("maskd-bench", "reproduce", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def ablations(session: nox.Session) -> None:
+    """MasKD ablations: reports/embedded/ablations/<knob>.{md,csv,png}. ``-- --only tokens`` runs one ablation,
+    ``-- --profile smoke`` all of them in a few minutes (meaningless numbers)."""
+    session.install("-e", ".")
+    session.run("maskd-bench", "ablations", *session.posargs, env=ENV)
 
 
 @nox.session(python=PYTHON)

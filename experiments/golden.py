@@ -56,9 +56,7 @@ class CaseResult:
         if not math.isnan(self.value_rel):
             parts.append(f"value rel {self.value_rel:.2e}")
         if self.grads_checked:
-            parts.append(
-                f"grads rel {self.grad_rel:.2e} (max of {self.grads_checked}, worst {self.worst_grad})"
-            )
+            parts.append(f"grads rel {self.grad_rel:.2e} (max of {self.grads_checked}, worst {self.worst_grad})")
         if self.detail:
             parts.append(self.detail)
         return "  ".join(parts)
@@ -227,9 +225,7 @@ def run_fitnet_mse(case, inputs, impl) -> Computed:
         [t.shape[1] for t in teacher],
         loss_weight=float(case["kwargs"].get("loss_weight", 1.0)),
     )
-    loss.align.load_state_dict(
-        _align_convs(inputs["align_state_dict"], len(student)).state_dict(), strict=True
-    )
+    loss.align.load_state_dict(_align_convs(inputs["align_state_dict"], len(student)).state_dict(), strict=True)
     leaves = [_leaf(s) for s in student]
     value = loss(leaves if not single else leaves[0], teacher if not single else teacher[0])
     value.backward()
@@ -256,11 +252,7 @@ def run_fitnet_convreg(case, inputs, impl) -> Computed:
 
 
 def run_fitnet_l2(case, inputs, impl) -> Computed:
-    kw = {
-        k: v
-        for k, v in case["kwargs"].items()
-        if k in ("loss_weight", "normalize", "mult", "div_element", "dist")
-    }
+    kw = {k: v for k, v in case["kwargs"].items() if k in ("loss_weight", "normalize", "mult", "div_element", "dist")}
     align = _align_convs(inputs["align_state_dict"], 1)[0]
     student = _leaf(inputs["y_s"])
     value = MmrazorL2Loss(**kw)(align(student), inputs["y_t"])
@@ -405,9 +397,7 @@ def check_golden(
         ]
     named = {c.get("inputs") for c in cases.values()}
     results += [
-        CaseResult(
-            p.name[len("inputs_") : -len(".pt")], "unknown", detail=f"{p.name} has no golden.json entry"
-        )
+        CaseResult(p.name[len("inputs_") : -len(".pt")], "unknown", detail=f"{p.name} has no golden.json entry")
         for p in sorted(directory.glob("inputs_*.pt"))
         if p.name not in named
     ]

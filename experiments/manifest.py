@@ -116,7 +116,9 @@ class MasKDCfg:
     variant: Literal["detection", "segmentation"] = "detection"
     area_eps: float | None = None  # None: the variant's (detection 0, as the official code; segmentation 1e-5)
     mask_power: int = 2
-    masks: Literal["learned", "untrained", "uniform"] = "learned"
+    # learned: stage-1 tokens; untrained: the official token init; uniform: every pixel 0.5; gt_box: two fixed
+    # masks per level, the union of the ground-truth boxes and its complement (FGD's box geometry), detection only
+    masks: Literal["learned", "untrained", "uniform", "gt_box"] = "learned"
     features: list[str] = field(default_factory=list)
 
 
@@ -145,12 +147,13 @@ class Manifest:
         for m in self.methods:
             if m not in METHODS:
                 raise ManifestError(
-                    f"methods: unknown method {m!r} in {self.source or self.name}; "
-                    f"allowed: {', '.join(METHODS)}"
+                    f"methods: unknown method {m!r} in {self.source or self.name}; allowed: {', '.join(METHODS)}"
                 )
         if self.task == "segmentation" and "fgd" in self.methods:
+            raise ManifestError(f"methods: fgd needs boxes and applies to detection only ({self.source or self.name})")
+        if self.task == "segmentation" and self.maskd.masks == "gt_box":
             raise ManifestError(
-                f"methods: fgd needs boxes and applies to detection only ({self.source or self.name})"
+                f"maskd.masks = 'gt_box' needs boxes and applies to detection only ({self.source or self.name})"
             )
         if not self.protocol.seeds:
             raise ManifestError(f"protocol.seeds is empty in {self.source or self.name}")
@@ -191,9 +194,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ManifestError(f"{key} must be a list in {where}, got {type(value).__name__} {value!r}")
         items = [_convert(v, inner, f"{key}[{i}]", where) for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
-    if origin in (typing.Union, types.UnionType) and all(
-        dataclasses.is_dataclass(o) for o in typing.get_args(tp)
-    ):
+    if origin in (typing.Union, types.UnionType) and all(dataclasses.is_dataclass(o) for o in typing.get_args(tp)):
         raise ManifestError(f"{key}: internal error, ambiguous section type {tp}")
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -212,9 +213,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         return value
     if tp in (bool, str):
         if not isinstance(value, tp):
-            raise ManifestError(
-                f"{key} must be {_type_name(tp)} in {where}, got {type(value).__name__} {value!r}"
-            )
+            raise ManifestError(f"{key} must be {_type_name(tp)} in {where}, got {type(value).__name__} {value!r}")
         return value
     return value
 
@@ -233,9 +232,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str, where: str) -> Any:
     missing = [
         f.name
         for f in dataclasses.fields(cls)
-        if f.name not in kwargs
-        and f.default is dataclasses.MISSING
-        and f.default_factory is dataclasses.MISSING
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         raise ManifestError(f"{where} lacks required key {prefix + '.' if prefix else ''}{missing[0]}")

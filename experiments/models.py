@@ -299,9 +299,7 @@ class DetectorConfig:
             )
         needs_gn = self.arch == "fcos" or self.head_group_norm
         if needs_gn and self.fpn_channels % 32:
-            raise ValueError(
-                f"fpn_channels={self.fpn_channels} must be a multiple of 32 for GroupNorm(32) heads"
-            )
+            raise ValueError(f"fpn_channels={self.fpn_channels} must be a multiple of 32 for GroupNorm(32) heads")
 
     @property
     def num_levels(self) -> int:
@@ -530,14 +528,10 @@ class SegmenterConfig:
         _check_choice("output_stride", self.output_stride, (8, 16, 32))
 
     def dilate(self) -> tuple[bool, bool, bool]:
-        return {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[
-            self.output_stride
-        ]
+        return {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[self.output_stride]
 
 
-def _deeplab_head(
-    in_channels: int, num_classes: int, channels: int, atrous_rates: Sequence[int]
-) -> nn.Sequential:
+def _deeplab_head(in_channels: int, num_classes: int, channels: int, atrous_rates: Sequence[int]) -> nn.Sequential:
     # torchvision's DeepLabHead with its 256 channels made a parameter; same layers and state_dict keys
     # (classifier.0 = ASPP, classifier.4 = the 1x1 conv giving the logits).
     return nn.Sequential(
@@ -580,13 +574,17 @@ def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def _segmenter_forward(
-    model: DeepLabV3, images: Tensor, transform_logits: Callable[[Tensor], Tensor] | None
+    model: DeepLabV3,
+    images: Tensor,
+    transform_logits: Callable[[Tensor], Tensor] | None,
+    transform_backbone: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     if not isinstance(model, DeepLabV3):
         raise TypeError(f"expected a torchvision DeepLabV3, got {type(model).__name__}")
     size = images.shape[-2:]
     features = model.backbone(images)
-    logits = model.classifier(features["out"])
+    head_input = features["out"] if transform_backbone is None else transform_backbone(features["out"])
+    logits = model.classifier(head_input)
     extras = {"logits": logits, "backbone": features["out"]}
     head_logits = logits if transform_logits is None else transform_logits(logits)
     if model.aux_classifier is not None:
@@ -608,16 +606,20 @@ def segmenter_forward(model: DeepLabV3, images: Tensor) -> tuple[Tensor, dict[st
 
 
 def segmenter_masked_forward(
-    model: DeepLabV3, images: Tensor, transform_logits: Callable[[Tensor], Tensor]
+    model: DeepLabV3,
+    images: Tensor,
+    transform_logits: Callable[[Tensor], Tensor] | None,
+    transform_backbone: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Like :func:`segmenter_forward`, but upsamples ``transform_logits(logits)`` instead of ``logits``.
 
     MasKD's segmentation stage 1 masks the frozen teacher's logits with the tokens and takes the CE of the
     masked logits. ``transform_logits`` gets [N, K, h, w] and may return [..., K, h, w] (e.g. one masked copy
     per token, [N, T, K, h, w]); the result is upsampled to [..., K, H, W]. The returned dict holds the
-    *unmasked* features, as in :func:`segmenter_forward`.
+    *unmasked* features, as in :func:`segmenter_forward`. ``transform_backbone`` (optional) replaces the layer4
+    output [N, C, h, w] before the classifier by a tensor of the same shape (masking the backbone features).
     """
-    return _segmenter_forward(model, images, transform_logits)
+    return _segmenter_forward(model, images, transform_logits, transform_backbone)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -695,9 +697,5 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 DEFAULT_DETECTION_TEACHER = DetectorConfig(backbone="resnet18", width=64, fpn_channels=64)
 DEFAULT_DETECTION_STUDENT = DetectorConfig(backbone="resnet10", width=16, fpn_channels=64)
 # (3, 6, 9): DeepLab's (12, 24, 36) scaled from 65-pixel to 16-pixel feature maps.
-DEFAULT_SEGMENTATION_TEACHER = SegmenterConfig(
-    backbone="resnet18", width=32, aspp_channels=64, atrous_rates=(3, 6, 9)
-)
-DEFAULT_SEGMENTATION_STUDENT = SegmenterConfig(
-    backbone="resnet10", width=16, aspp_channels=32, atrous_rates=(3, 6, 9)
-)
+DEFAULT_SEGMENTATION_TEACHER = SegmenterConfig(backbone="resnet18", width=32, aspp_channels=64, atrous_rates=(3, 6, 9))
+DEFAULT_SEGMENTATION_STUDENT = SegmenterConfig(backbone="resnet10", width=16, aspp_channels=32, atrous_rates=(3, 6, 9))

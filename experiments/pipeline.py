@@ -109,6 +109,15 @@ class Pipeline:
         self.reuse = reuse
         self.checkpoints = cache_root() / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        #: Tags added to every child run and reuse record (e.g. ``ablation``/``variant``), and a run-name prefix.
+        self.labels: dict[str, str] = {}
+        self.prefix = ""
+
+    def labelled(self, prefix: str = "", **labels: str) -> Pipeline:
+        """Set the tags and run-name prefix of the runs that follow (an ablation's variant)."""
+        self.labels = {k: str(v) for k, v in labels.items()}
+        self.prefix = prefix
+        return self
 
     # ---------------------------------------------------------------------------------------- helpers
     def _logger(self, run_id: str) -> Callable[[dict[str, float], int], None]:
@@ -143,6 +152,7 @@ class Pipeline:
             "config_hash": config_hash,
             "manifest": m.name,
             "stage_version": str(STAGE_VERSION),
+            **self.labels,
         }
 
     def _log_manifest(self, run_id: str, m: Manifest) -> None:
@@ -159,7 +169,7 @@ class Pipeline:
         state = self._checkpoint(found, config_hash, checkpoint) if checkpoint else None
         if checkpoint and state is None:
             return None
-        rid = self.tracker.record_reuse(found, run_name, parent_id)
+        rid = self.tracker.record_reuse(found, self.prefix + run_name, parent_id, self.labels)
         return StageOutcome(rid, dict(found.data.metrics), state, True)
 
     # ---------------------------------------------------------------------------------------- stages
@@ -170,7 +180,7 @@ class Pipeline:
         if reused is not None:
             return reused
         cached = self._checkpoint(None, h, "teacher") if self.reuse else None
-        with self.tracker.run(f"{m.task}/teacher", tags, m.flat(), parent_id) as active:
+        with self.tracker.run(self.prefix + f"{m.task}/teacher", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
             if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
@@ -189,7 +199,7 @@ class Pipeline:
         reused = self._reused("tokens", h, f"{m.task}/tokens", parent_id, checkpoint="tokens")
         if reused is not None:
             return reused
-        with self.tracker.run(f"{m.task}/tokens", tags, m.flat(), parent_id) as active:
+        with self.tracker.run(self.prefix + f"{m.task}/tokens", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
             result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
@@ -209,7 +219,7 @@ class Pipeline:
         reused = self._reused("student", h, f"{m.task}/{method}/s{seed}", parent_id)
         if reused is not None:
             return reused
-        with self.tracker.run(f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
+        with self.tracker.run(self.prefix + f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
             result = stages.train_student(m, method, seed, teacher_state, token_state, self._logger(rid), self.progress)

@@ -25,9 +25,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from baselines.cwd import ChannelWiseDivergence
-from baselines.fgd import FGDLoss
+from baselines.fgd import FGDLoss, fgd_box_masks
 from baselines.fitnet import FitNetMSE
 from maskd import MasKDLoss, MaskLearning
+from maskd.mask_learning import MaskLearningOutput
+from maskd.tokens import dice_coeff
 
 from . import data as scenes
 from .evaluation import evaluate_detection, evaluate_segmentation
@@ -171,8 +173,7 @@ def select_features(manifest: Manifest, role_cfg, feats: dict[str, Any], names: 
     unknown = [n for n in names if n not in info]
     if unknown:
         raise ValueError(
-            f"distill feature {unknown[0]!r} is not declared by the {manifest.task} model; "
-            f"declared: {', '.join(info)}"
+            f"distill feature {unknown[0]!r} is not declared by the {manifest.task} model; declared: {', '.join(info)}"
         )
     if manifest.task == "detection":
         order = list(info)
@@ -181,7 +182,7 @@ def select_features(manifest: Manifest, role_cfg, feats: dict[str, Any], names: 
 
 
 def evaluate(
-    model: nn.Module, manifest: Manifest, val_set, gt, transform_logits=None, progress=True
+    model: nn.Module, manifest: Manifest, val_set, gt, transform_logits=None, progress=True, transform_backbone=None
 ) -> dict[str, float]:
     loader = DataLoader(val_set, batch_size=16, shuffle=False, collate_fn=collate_fn(manifest.task))
     model.eval()
@@ -194,9 +195,9 @@ def evaluate(
             self.inner = inner
 
         def forward(self, x):
-            if transform_logits is None:
+            if transform_logits is None and transform_backbone is None:
                 return segmenter_forward(self.inner, normalise(x))[0]
-            return segmenter_masked_forward(self.inner, normalise(x), transform_logits)[0]
+            return segmenter_masked_forward(self.inner, normalise(x), transform_logits, transform_backbone)[0]
 
     metrics = evaluate_segmentation(_Seg(model), loader, scenes.NUM_SEG_CLASSES, progress=progress)
     out = {"mIoU": metrics["mIoU"]}
@@ -257,17 +258,13 @@ def _train_loop(
     return {"step_time_s": sum(steady) / len(steady)}
 
 
-def train_teacher(
-    manifest: Manifest, role: str, seed: int, log: MetricLogger, progress: bool = True
-) -> StageResult:
+def train_teacher(manifest: Manifest, role: str, seed: int, log: MetricLogger, progress: bool = True) -> StageResult:
     """Train ``manifest.<role>`` (``teacher`` or ``student``) on the task alone and evaluate it."""
     cfg_model = model_config(manifest, role)
     cfg_train = manifest.teacher_train if role == "teacher" else manifest.student_train
     seed_everything(seed)
     model = build_model(cfg_model)
-    timing = _train_loop(
-        model, None, manifest, cfg_train, seed, None, log, f"{manifest.task}/{role}/s{seed}", progress
-    )
+    timing = _train_loop(model, None, manifest, cfg_train, seed, None, log, f"{manifest.task}/{role}/s{seed}", progress)
     _, val_set, gt = datasets(manifest)
     metrics = evaluate(model, manifest, val_set, gt, progress=progress)
     metrics.update(timing)
@@ -276,9 +273,7 @@ def train_teacher(
     return StageResult(metrics, {k: v.detach().clone() for k, v in model.state_dict().items()})
 
 
-def evaluate_state(
-    manifest: Manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True
-) -> StageResult:
+def evaluate_state(manifest: Manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True) -> StageResult:
     """Evaluate a cached checkpoint (no training): the metrics a training run would have logged, bar timing."""
     model = load_model(manifest, role, state_dict)
     _, val_set, gt = datasets(manifest)
@@ -334,18 +329,40 @@ def _masked_task_losses(teacher: nn.Module, learner: MaskLearning, manifest: Man
 
         losses = detector_features_with_masked_forward(teacher, images, targets, transform)
         return losses, outputs["out"]
-    if names != ["logits"]:
-        raise ValueError(f"segmentation token learning masks the logits only, got maskd features {names}")
-
-    def transform_logits(logits: Tensor) -> Tensor:
-        out = learner([logits])
-        outputs["out"] = out
-        return out.features[0]
-
+    transforms, collect = segmentation_mask_transforms(learner, names)
     x = normalise(torch.stack(list(images)) if isinstance(images, list | tuple) else images)
-    out, _ = segmenter_masked_forward(teacher, x, transform_logits)
+    out, _ = segmenter_masked_forward(teacher, x, transforms.get("logits"), transforms.get("backbone"))
     losses = {"ce": F.cross_entropy(out, targets, ignore_index=scenes.IGNORE_INDEX)}
-    return losses, outputs["out"]
+    return losses, collect()
+
+
+def segmentation_mask_transforms(learner: MaskLearning, names: list[str]):
+    """Per-feature transforms that mask the teacher's ``backbone`` (layer4) and/or ``logits`` with the tokens of
+    the matching level (``names[j]`` -> ``learner.mask_modules[j]``), applied in the forward's order (backbone,
+    then the classifier on the masked backbone, then logits), and a function that collects the
+    :class:`MaskLearningOutput` (levels in ``names`` order) after the forward."""
+    allowed = ("backbone", "logits")
+    if not names or any(n not in allowed for n in names) or len(set(names)) != len(names):
+        raise ValueError(f"segmentation maskd features must be distinct names from {allowed}, got {names}")
+    results: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def make(j: int, name: str):
+        def transform(feature: Tensor) -> Tensor:
+            masked, masks = learner.mask_modules[j].mask_features(feature, impl=learner.impl)
+            results[name] = (masked, masks)
+            return masked
+
+        return transform
+
+    transforms = {name: make(j, name) for j, name in enumerate(names)}
+
+    def collect() -> MaskLearningOutput:
+        feats = [results[n][0] for n in names]
+        masks = [results[n][1] for n in names]
+        dice = torch.stack([dice_coeff(m.flatten(2)) for m in masks])
+        return MaskLearningOutput(feats, dice, masks)
+
+    return transforms, collect
 
 
 def learn_tokens(
@@ -421,12 +438,14 @@ def token_diagnostics(
         finally:
             del backbone.forward
     else:
+        transforms, _ = segmentation_mask_transforms(learner, names)
         masked = evaluate(
             teacher,
             manifest,
             val_set,
             gt,
-            transform_logits=lambda z: learner([z]).features[0],
+            transform_logits=transforms.get("logits"),
+            transform_backbone=transforms.get("backbone"),
             progress=progress,
         )[metric]
     dice = mask_dice_on(manifest, teacher, learner, val_set)
@@ -442,9 +461,7 @@ def teacher_features(manifest: Manifest, teacher: nn.Module, images, names: list
     info = feature_info(manifest.teacher)
     unknown = [n for n in names if n not in info]
     if unknown:
-        raise ValueError(
-            f"distill feature {unknown[0]!r} is not declared by the teacher; declared: {', '.join(info)}"
-        )
+        raise ValueError(f"distill feature {unknown[0]!r} is not declared by the teacher; declared: {', '.join(info)}")
     specs = [info[n] for n in names]
     with FeatureRecorder(teacher, sorted({s.module for s in specs})) as recorder:
         if manifest.task == "detection":
@@ -531,6 +548,8 @@ class Distiller(nn.Module):
                 if token_state is None:
                     raise ValueError("maskd with learned masks needs the stage-1 token checkpoint")
                 self.loss.load_tokens(token_state)
+            elif c.masks == "gt_box" and manifest.task != "detection":
+                raise ValueError("maskd.masks = 'gt_box' needs boxes: detection only")
             elif c.masks == "uniform":
                 with torch.no_grad():  # sigmoid(0) = 0.5 everywhere: every pixel weighted alike
                     for m in self.loss.mask_modules:
@@ -544,16 +563,28 @@ class Distiller(nn.Module):
 
     def forward(self, student_feats: list[Tensor], teacher_feats: list[Tensor], step: int, extras) -> Tensor:
         if self.method == "maskd":
-            aligned = (
-                [conv(s) for conv, s in zip(self.align, student_feats)] if len(self.align) else student_feats
-            )
-            return self.loss(aligned, teacher_feats, step=step)
+            aligned = [conv(s) for conv, s in zip(self.align, student_feats)] if len(self.align) else student_feats
+            fixed = gt_box_masks(extras, aligned) if self.manifest.maskd.masks == "gt_box" else None
+            return self.loss(aligned, teacher_feats, step=step, masks=fixed)
         if self.method == "fgd":
             boxes = [t["boxes"] for t in extras.targets]
-            return self.loss(
-                student_feats, teacher_feats, boxes, extras.image_sizes, padded_shape=extras.batch_shape
-            )
+            return self.loss(student_feats, teacher_feats, boxes, extras.image_sizes, padded_shape=extras.batch_shape)
         return self.loss(student_feats, teacher_feats)
+
+
+def gt_box_masks(extras, levels: list[Tensor]) -> list[Tensor]:
+    """Two fixed masks per level for the ``maskd.masks = "gt_box"`` ablation: the union of the ground-truth boxes
+    (cells as FGD's box masks, :func:`baselines.fgd.fgd_box_masks`, official unpadded scaling) and its complement.
+    Each is normalised by its own area in the MasKD loss, so objects and background count alike, as two tokens."""
+    boxes = [t["boxes"] for t in extras.targets]
+    out = []
+    for feat in levels:
+        fg, _ = fgd_box_masks(
+            boxes, extras.image_sizes, tuple(feat.shape[-2:]), padded_shape=extras.batch_shape, dtype=feat.dtype
+        )
+        fg = (fg > 0).to(feat.dtype)
+        out.append(torch.stack([fg, 1.0 - fg], dim=1))  # [N, 2, H, W]
+    return out
 
 
 def train_student(
@@ -596,6 +627,6 @@ def train_student(
     metrics["params"] = float(count_parameters(student))
     metrics["added_params"] = float(distiller.added_parameters())
     extra: dict[str, Any] = {}
-    if method == "maskd":
+    if method == "maskd" and manifest.maskd.masks != "gt_box":  # gt_box masks need targets, not a teacher
         extra["masks"] = example_masks(manifest, teacher, distiller.loss, val_set)
     return StageResult(metrics, {k: v.detach().clone() for k, v in student.state_dict().items()}, extra)

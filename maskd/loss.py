@@ -74,6 +74,17 @@ def check_level_pairs(student: list[Tensor], teacher: list[Tensor], num_levels: 
             )
 
 
+def check_fixed_masks(masks: Sequence[Tensor], student: list[Tensor]) -> None:
+    """Raise a one-line ValueError unless ``masks`` holds one [N, T, H, W] per student level."""
+    if len(masks) != len(student):
+        raise ValueError(f"masks has {len(masks)} levels but student_feats has {len(student)}")
+    for i, (m, s) in enumerate(zip(masks, student)):
+        if m.dim() != 4 or m.shape[0] != s.shape[0] or m.shape[2:] != s.shape[2:]:
+            raise ValueError(
+                f"masks[{i}] has shape {tuple(m.shape)}, expected ({s.shape[0]}, T, {s.shape[2]}, {s.shape[3]})"
+            )
+
+
 class MasKDLoss(nn.Module):
     """Masked distillation loss over a list of feature levels (one set of receptive tokens per level).
 
@@ -153,9 +164,7 @@ class MasKDLoss(nn.Module):
         """
         state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
         if not isinstance(state, Mapping):
-            raise ValueError(
-                f"token checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}"
-            )
+            raise ValueError(f"token checkpoint must be a mapping of tensors, got {type(checkpoint).__name__}")
         tokens: dict[str, Tensor] = {}
         for key, value in state.items():
             if "mask_modules" in key:
@@ -169,8 +178,7 @@ class MasKDLoss(nn.Module):
         unexpected = sorted(set(tokens) - set(expected))
         if missing:
             raise ValueError(
-                f"token checkpoint lacks {missing[0]} (and {len(missing) - 1} more); "
-                f"it holds {sorted(tokens)[:4]}"
+                f"token checkpoint lacks {missing[0]} (and {len(missing) - 1} more); it holds {sorted(tokens)[:4]}"
             )
         if unexpected:
             raise ValueError(
@@ -199,16 +207,25 @@ class MasKDLoss(nn.Module):
         student_feats: Tensor | Sequence[Tensor],
         teacher_feats: Tensor | Sequence[Tensor],
         step: int | None = None,
+        masks: Sequence[Tensor] | None = None,
     ) -> Tensor:
+        """``masks``: optional fixed masks, one [N, T', H, W] per level, used instead of the tokens' (no weight
+        head, no customisation): the ablation of learned against hand-made masks (e.g. ground-truth boxes)."""
         student = as_feature_list(student_feats, "student_feats")
         teacher = as_feature_list(teacher_feats, "teacher_feats")
         check_level_pairs(student, teacher, len(self.mask_modules))
-        customised = self.customised(step)
+        if masks is not None:
+            check_fixed_masks(masks, student)
+        customised = self.customised(step) if masks is None else False
         total = None
         for level, (tokens, s, t) in enumerate(zip(self.mask_modules, student, teacher)):
             if self.detach_teacher:
                 t = t.detach()
-            level_loss = self.level_loss(tokens, s, t, customised, level)
+            if masks is None:
+                level_loss = self.level_loss(tokens, s, t, customised, level)
+            else:
+                fixed = masks[level].to(s.dtype)
+                level_loss = (self._literal if self.impl == "literal" else self._fast)(fixed, None, s, t)
             total = level_loss if total is None else total + level_loss
         return self.loss_weight * self.scale * total
 
@@ -294,7 +311,5 @@ class _WeightedSquaredError(torch.autograd.Function):
         diff, pixel_weights = ctx.saved_tensors
         grad = diff.mul_(pixel_weights * (2 * grad_out))  # reuses D's buffer
         grad_student = grad if ctx.needs_input_grad[0] else None
-        grad_teacher = (
-            (-grad if grad_student is not None else grad.neg_()) if ctx.needs_input_grad[1] else None
-        )
+        grad_teacher = (-grad if grad_student is not None else grad.neg_()) if ctx.needs_input_grad[1] else None
         return grad_student, grad_teacher, None

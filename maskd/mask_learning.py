@@ -71,15 +71,13 @@ class MaskLearning(nn.Module):
         feats = as_feature_list(teacher_feats, "teacher_feats")
         if len(feats) != len(self.mask_modules):
             raise ValueError(
-                f"teacher_feats has {len(feats)} levels but MaskLearning was built for "
-                f"{len(self.mask_modules)}"
+                f"teacher_feats has {len(feats)} levels but MaskLearning was built for {len(self.mask_modules)}"
             )
         outs, dices, masks = [], [], []
         for level, (tokens, f) in enumerate(zip(self.mask_modules, feats)):
             if f.dim() != 4 or f.shape[1] != tokens.channels:
                 raise ValueError(
-                    f"teacher_feats[{level}] has shape {tuple(f.shape)}, expected "
-                    f"(N, {tokens.channels}, H, W)"
+                    f"teacher_feats[{level}] has shape {tuple(f.shape)}, expected (N, {tokens.channels}, H, W)"
                 )
             out, level_masks = tokens.mask_features(f, impl=self.impl)
             outs.append(out)

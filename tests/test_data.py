@@ -67,9 +67,7 @@ def _rle_mask(segmentation: dict) -> np.ndarray:
     # faster-coco-eval's decoder: pycocotools 2.0.11's decode raises a NumPy 2 DeprecationWarning.
     from faster_coco_eval.core import mask as mask_utils
 
-    return mask_utils.decode(
-        {"size": segmentation["size"], "counts": segmentation["counts"].encode()}
-    ).astype(bool)
+    return mask_utils.decode({"size": segmentation["size"], "counts": segmentation["counts"].encode()}).astype(bool)
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -184,9 +182,7 @@ def test_each_image_depends_only_on_seed_split_and_index(tiny, tmp_path):
     for split, n in (("train", 3), ("val", 2)):
         for i in range(1, n + 1):
             name = f"{i:06d}.png"
-            assert (prefix / "images" / split / name).read_bytes() == (
-                tiny / "images" / split / name
-            ).read_bytes()
+            assert (prefix / "images" / split / name).read_bytes() == (tiny / "images" / split / name).read_bytes()
 
 
 def test_layout_and_config_json(tiny):
@@ -337,11 +333,7 @@ def test_images_without_digits(tmp_path):
     assert len(images) == 2
     for t in targets:
         assert isinstance(t["boxes"], tv_tensors.BoundingBoxes) and t["boxes"].shape == (0, 4)
-        assert (
-            t["boxes"].dtype == torch.float32
-            and t["labels"].shape == (0,)
-            and t["labels"].dtype == torch.int64
-        )
+        assert t["boxes"].dtype == torch.float32 and t["labels"].shape == (0,) and t["labels"].dtype == torch.int64
     _, mask = segmentation_dataset(root, "train")[0]
     assert int(mask.max()) == 0
 

@@ -36,8 +36,7 @@ from experiments.evaluation import (
 def _gt(boxes_per_image: list[list[tuple[int, list[float]]]], size: int = 200) -> dict:
     """A COCO GT dict from ``[[(category_id, [x, y, w, h]), ...] per image]``."""
     images = [
-        {"id": i + 1, "file_name": f"{i + 1}.png", "width": size, "height": size}
-        for i in range(len(boxes_per_image))
+        {"id": i + 1, "file_name": f"{i + 1}.png", "width": size, "height": size} for i in range(len(boxes_per_image))
     ]
     anns = []
     for i, boxes in enumerate(boxes_per_image):
@@ -186,9 +185,7 @@ class _Oracle(nn.Module):
 def test_evaluate_detection_with_oracle_and_empty_model(scenes):
     ds = detection_dataset(scenes, "val")
     loader = DataLoader(ds, batch_size=3, collate_fn=collate_detection)
-    truth = [
-        {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for _, t in ds
-    ]
+    truth = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"]))} for _, t in ds]
     oracle = _Oracle(truth).train()
     ann = scenes / "annotations" / "instances_val.json"
     stats = evaluate_detection(oracle, loader, ann, progress=False)
@@ -243,11 +240,7 @@ class _Logits(nn.Module):
 
 
 def _one_hot_logits(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    return (
-        torch.nn.functional.one_hot(labels.clamp(max=num_classes - 1), num_classes)
-        .permute(0, 3, 1, 2)
-        .float()
-    )
+    return torch.nn.functional.one_hot(labels.clamp(max=num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
 
 
 def test_hand_computed_miou():

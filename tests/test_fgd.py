@@ -46,9 +46,7 @@ def _module_from_case(meta, inputs, impl: str) -> FGDFeatureLoss:
     return module
 
 
-def _random_case(
-    seed: int, n: int, cs: int, ct: int, h: int, w: int, stride: int, max_boxes: int, dtype=torch.float64
-):
+def _random_case(seed: int, n: int, cs: int, ct: int, h: int, w: int, stride: int, max_boxes: int, dtype=torch.float64):
     """Features, boxes (some on the image border, some degenerate) and image shapes of a padded batch."""
     gen = torch.Generator().manual_seed(seed)
     pad_h, pad_w = h * stride, w * stride
@@ -131,9 +129,7 @@ def test_golden_value_components_and_grads(golden_mode, reference_dir, case, imp
         if key in MASK_KEYS:
             assert torch.equal(parts[key], ref), key  # the masks are built bit-for-bit as the reference
         else:
-            torch.testing.assert_close(
-                parts[key], ref, rtol=1e-10, atol=1e-14, msg=lambda m, key=key: f"{key}: {m}"
-            )
+            torch.testing.assert_close(parts[key], ref, rtol=1e-10, atol=1e-14, msg=lambda m, key=key: f"{key}: {m}")
     weighted = sum(
         getattr(module, f"{name}_fgd") * parts[f"{part}_loss"]
         for name, part in (("alpha", "fg"), ("beta", "bg"), ("gamma", "mask"), ("lambda", "rela"))

@@ -46,9 +46,7 @@ BASE = 'base = "{base}"\n'
 
 
 def test_unknown_key_names_key_file_and_allowed(tmp_path):
-    path = _write(
-        tmp_path, BASE.format(base=_shipped("embedded_detection_smoke")) + "[student_train]\nlr_sched = 3\n"
-    )
+    path = _write(tmp_path, BASE.format(base=_shipped("embedded_detection_smoke")) + "[student_train]\nlr_sched = 3\n")
     with pytest.raises(
         ManifestError,
         match=r"unknown key 'student_train.lr_sched' in m.toml; allowed in "

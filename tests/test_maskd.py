@@ -55,8 +55,7 @@ def test_golden_intermediates(reference_dir, golden_mode):
     loss = MasKDLoss([16] * 3, 6, custom_mask_warmup=3, loss_weight=7.0)
     loss.load_tokens(fpn_in["checkpoint_state_dict"])
     per_level = [
-        7.0 * loss.level_loss(loss.mask_modules[i], fpn_in[f"y_s_{i}"], fpn_in[f"y_t_{i}"], True)
-        for i in range(3)
+        7.0 * loss.level_loss(loss.mask_modules[i], fpn_in[f"y_s_{i}"], fpn_in[f"y_t_{i}"], True) for i in range(3)
     ]
     torch.testing.assert_close(torch.stack(per_level), fpn_out["per_level"], rtol=1e-10, atol=0)
 
@@ -288,9 +287,7 @@ def test_token_checkpoint_errors():
         torch.testing.assert_close(loss.state_dict()[k], v)
     wrong = dict(good)
     wrong["mask_modules.1.mask_token"] = torch.zeros(6, 8)
-    with pytest.raises(
-        ValueError, match=r"mask_modules\.1\.mask_token has shape \(6, 8\), expected \(4, 8\)"
-    ):
+    with pytest.raises(ValueError, match=r"mask_modules\.1\.mask_token has shape \(6, 8\), expected \(4, 8\)"):
         loss.load_tokens(wrong)
     with pytest.raises(ValueError, match=r"lacks mask_modules\.1\.mask_token"):
         loss.load_tokens({k: v for k, v in good.items() if not k.startswith("mask_modules.1.mask_token")})
@@ -319,15 +316,12 @@ def test_constructor_errors():
 def test_frozen_fast_path_equals_literal(seed, tokens, height, width, weight_head, mask_power):
     """The frozen fast path (custom autograd function) against the literal form, value and student gradient."""
     losses = {
-        impl: _random_loss(
-            seed, 2, 6, tokens, weight_head, True, "detection", True, impl, mask_power
-        ).double()
+        impl: _random_loss(seed, 2, 6, tokens, weight_head, True, "detection", True, impl, mask_power).double()
         for impl in ("fast", "literal")
     }
     g = torch.Generator().manual_seed(seed)
     teacher = [
-        torch.randn(2, 6, max(1, height >> i), max(1, width >> i), generator=g, dtype=torch.float64)
-        for i in range(2)
+        torch.randn(2, 6, max(1, height >> i), max(1, width >> i), generator=g, dtype=torch.float64) for i in range(2)
     ]
     student = [0.6 * t + 0.8 * torch.randn(t.shape, generator=g, dtype=torch.float64) for t in teacher]
     out = {}

@@ -289,10 +289,7 @@ def test_teachers_are_much_larger_than_students():
     assert sizes["seg_teacher"] >= 3 * sizes["seg_student"]
     # Teacher and student FPNs match, so FitNet/CWD/FGD/MasKD compare FPN levels without an adapter.
     assert feature_info(DEFAULT_DETECTION_TEACHER) == feature_info(DEFAULT_DETECTION_STUDENT)
-    assert (
-        feature_info(DEFAULT_SEGMENTATION_TEACHER)["logits"]
-        == feature_info(DEFAULT_SEGMENTATION_STUDENT)["logits"]
-    )
+    assert feature_info(DEFAULT_SEGMENTATION_TEACHER)["logits"] == feature_info(DEFAULT_SEGMENTATION_STUDENT)["logits"]
 
 
 def test_count_parameters_and_feature_shape():

@@ -1,0 +1,450 @@
+"""``nox -s ablations``: MasKD ablations on the embedded benchmark, each a parent run, a table and a plot.
+
+Each ablation changes one knob of a shipped manifest (:data:`ABLATION_NAMES`), trains the MasKD student for every
+value and seed (the teacher, and the tokens wherever the knob leaves them unchanged, are reused by config hash),
+adds the no-distillation student of the same run length as the reference, and writes from MLflow only
+``reports/embedded/ablations/<knob>.{md,csv,png}``. Statistics are those of the main table
+(:mod:`experiments.report`): mean, sample std, 95% Student-t interval over seeds, paired differences on matched
+seeds with a paired t-test, against the baseline student and against the manifest's own (official) setting.
+
+Run lengths are chosen so that all ablations fit about 75 minutes on 2 CPU cores from a cached teacher: students
+train for :data:`ABLATION_ITERATIONS` iterations instead of the main table's 500, and knobs that exist in both
+tasks run on the cheaper one (segmentation). Each table says which task and which lengths it used.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .manifest import Manifest, _merge, load_manifest
+from .paths import repo_root
+from .pipeline import Pipeline, count_stages
+from .report import ALPHA, PRIMARY, _fmt, _p, ci95, paired, runs_frame, write_table
+from .reproduce import TableError, environment_line
+from .tracking import Tracker, parent_tags
+
+#: Student iterations of the default ablation profile (the main table trains 500).
+ABLATION_ITERATIONS = 250
+#: The official FCOS config switches the student masks on after 5000 of ~176k iterations (2.8%).
+OFFICIAL_WARMUP_SHARE = 5000 / 176_000
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str  # the knob's value as shown in tables and plots
+    overrides: dict[str, Any]  # manifest overrides (nested dict) on top of the profile's
+    official: bool = False  # the setting of the official code / the shipped manifest
+
+
+@dataclass(frozen=True)
+class Ablation:
+    knob: str  # file stem under reports/embedded/ablations/
+    title: str
+    manifest: str  # shipped manifest the variants change
+    variants: tuple[Variant, ...]
+    why: str  # why this task, in the table's protocol note
+    base_overrides: dict[str, Any] = field(default_factory=dict)  # the profile's run lengths
+
+    def manifests(self) -> list[tuple[Variant, Manifest]]:
+        """Every variant's manifest, all resolved and checked before any work starts."""
+        return [(v, load_manifest(self.manifest, _merge(self.base_overrides, v.overrides))) for v in self.variants]
+
+    def reference(self) -> Manifest:
+        return load_manifest(self.manifest, self.base_overrides)
+
+    def official(self) -> Variant:
+        return next(v for v in self.variants if v.official)
+
+
+PROFILES = ("default", "smoke")
+ABLATION_NAMES = (
+    "tokens",
+    "dice",
+    "stages_detection",
+    "stages_segmentation",
+    "custom_mask",
+    "weight_head",
+    "masks",
+)
+
+
+def build_ablations(profile: str = "default") -> dict[str, Ablation]:
+    """The ablations of ``profile``: ``default`` (the committed tables) or ``smoke`` (the same knobs on the
+    smoke manifests, seconds per run, meaningless numbers; for tests)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    det = "embedded_detection" if profile == "default" else "embedded_detection_smoke"
+    seg = "embedded_segmentation" if profile == "default" else "embedded_segmentation_smoke"
+    iterations = {
+        det: ABLATION_ITERATIONS if profile == "default" else load_manifest(det).student_train.iterations,
+        seg: ABLATION_ITERATIONS if profile == "default" else load_manifest(seg).student_train.iterations,
+    }
+    det_warmup = max(1, round(OFFICIAL_WARMUP_SHARE * iterations[det]))
+    base = {
+        det: {"student_train": {"iterations": iterations[det]}, "maskd": {"custom_mask_warmup": det_warmup}},
+        seg: {"student_train": {"iterations": iterations[seg]}},
+    }
+    seg_why = "segmentation: the knob exists in both tasks and a segmentation student step is ~25% cheaper"
+
+    def ablation(knob, title, manifest, variants, why) -> Ablation:
+        return Ablation(knob, title, manifest, tuple(variants), why, base[manifest])
+
+    half = iterations[det] // 2
+    items = [
+        ablation(
+            "tokens",
+            "Number of receptive tokens T",
+            seg,
+            [Variant(str(t), {"tokens": {"num_tokens": t}}, official=t == 8) for t in (1, 2, 4, 6, 8, 16)],
+            seg_why + "; the official segmentation code uses 8 tokens (detection: 6). T = 1 has no Dice term",
+        ),
+        ablation(
+            "dice",
+            "Dice diversity weight in token learning",
+            seg,
+            [
+                Variant(f"{w:g}", {"tokens": {"dice_weight": w}}, official=w == 1.0)
+                for w in (0.0, 0.1, 0.5, 1.0, 2.0, 5.0)
+            ],
+            seg_why + "; the official weight is 1 (hard-wired)",
+        ),
+        ablation(
+            "stages_detection",
+            "Distilled FPN levels (detection)",
+            det,
+            [
+                Variant(label, {"maskd": {"features": feats}}, official=len(feats) == 5)
+                for label, feats in (
+                    ("P3", ["P3"]),
+                    ("P3-P4", ["P3", "P4"]),
+                    ("P3-P5", ["P3", "P4", "P5"]),
+                    ("P3-P7 (all)", ["P3", "P4", "P5", "P6", "P7"]),
+                )
+            ],
+            "detection (FPN levels exist only there); the tokens are learned anew on the distilled levels only, "
+            "the other levels left unmasked in stage 1",
+        ),
+        ablation(
+            "stages_segmentation",
+            "Distilled segmentation features: logits, backbone (layer4) or both",
+            seg,
+            [
+                Variant("logits", {"maskd": {"features": ["logits"]}}, official=True),
+                Variant("backbone", {"maskd": {"features": ["backbone"]}, "distill": {"align": True}}),
+                Variant("backbone+logits", {"maskd": {"features": ["backbone", "logits"]}, "distill": {"align": True}}),
+            ],
+            "segmentation; tokens learned on the distilled features (backbone masks go through the frozen "
+            "ASPP head to the CE loss); backbone variants add a trainable 1x1 align conv per feature "
+            "(student 128 -> teacher 256 channels), as FitNet's hint",
+        ),
+        ablation(
+            "custom_mask",
+            "Student-mask customisation and its warm-up",
+            det,
+            [
+                Variant("off", {"maskd": {"custom_mask": False}}),
+                Variant("on, warm-up 0", {"maskd": {"custom_mask": True, "custom_mask_warmup": 0}}),
+                Variant(
+                    f"on, warm-up {det_warmup} (2.8%)",
+                    {"maskd": {"custom_mask": True, "custom_mask_warmup": det_warmup}},
+                    official=True,
+                ),
+                Variant(f"on, warm-up {half} (50%)", {"maskd": {"custom_mask": True, "custom_mask_warmup": half}}),
+            ],
+            "detection (the official segmentation code has no customisation); the official FCOS warm-up is "
+            "5000 of ~176k iterations, 2.8% of the run",
+        ),
+        ablation(
+            "weight_head",
+            "Per-mask weight head",
+            det,
+            [
+                Variant("on", {"tokens": {"weight_head": True}}, official=True),
+                Variant("off", {"tokens": {"weight_head": False}}),
+            ],
+            "detection (the official segmentation loss has no weight head); 'off' also learns its tokens without "
+            "the head (equal weights in stage 1)",
+        ),
+        ablation(
+            "masks",
+            "Where the masks come from",
+            det,
+            [
+                Variant("learned", {"maskd": {"masks": "learned"}}, official=True),
+                Variant("untrained", {"maskd": {"masks": "untrained"}}),
+                Variant("uniform", {"maskd": {"masks": "uniform"}}),
+                Variant("gt_box", {"maskd": {"masks": "gt_box"}}),
+            ],
+            "detection (ground-truth boxes exist only there). untrained: the official token init N(0, 0.01^2); "
+            "uniform: every mask 0.5 everywhere; gt_box: two fixed masks per level, the union of the "
+            "ground-truth boxes and its complement, no weight head, no customisation",
+        ),
+    ]
+    return {a.knob: a for a in items}
+
+
+# ------------------------------------------------------------------------------------------ running
+def count_ablation_stages(a: Ablation) -> int:
+    ref = a.reference()
+    n = 1 + len(ref.protocol.seeds)  # teacher and baseline students
+    for _, m in a.manifests():
+        n += count_stages(m, ["maskd"]) - 1  # tokens (if learned) and students, the teacher counted once
+    return n
+
+
+def run_ablation(
+    a: Ablation,
+    tracker: Tracker,
+    pipeline: Pipeline,
+    profile: str,
+    overall: tqdm | None = None,
+) -> tuple[str, float]:
+    """Run (or reuse) every stage of ``a`` under one parent run; returns (parent run id, wall seconds)."""
+    variants = a.manifests()
+    ref = a.reference()
+    start = time.perf_counter()
+
+    def tick(label: str) -> None:
+        if overall is not None:
+            overall.set_postfix_str(f"{a.knob}: {label}")
+            overall.update(1)
+
+    tags = parent_tags("ablation", ref.task, ablation=a.knob, profile=profile)
+    params = {"manifest": ref.name, "knob": a.knob, **{f"variant.{i}": v.label for i, (v, _) in enumerate(variants)}}
+    with tracker.run(f"ablation/{a.knob}" + ("" if profile == "default" else f"/{profile}"), tags, params) as p:
+        parent_id = p.info.run_id
+        pipeline.labelled("", ablation=a.knob, variant="teacher")
+        teacher = pipeline.teacher(ref, parent_id)
+        tick("teacher")
+        pipeline.labelled("baseline/", ablation=a.knob, variant="baseline")
+        for seed in ref.protocol.seeds:
+            pipeline.student(ref, "baseline", seed, None, None, parent_id)
+            tick(f"baseline/s{seed}")
+        for variant, m in variants:
+            pipeline.labelled(f"{variant.label}/", ablation=a.knob, variant=variant.label)
+            token_state = None
+            if m.maskd.masks == "learned":
+                token_state = pipeline.tokens(m, teacher.state_dict, parent_id).state_dict
+                tick(f"{variant.label}/tokens")
+            for seed in m.protocol.seeds:
+                pipeline.student(m, "maskd", seed, teacher.state_dict, token_state, parent_id)
+                tick(f"{variant.label}/s{seed}")
+        pipeline.labelled()
+        wall = time.perf_counter() - start
+        tracker.log_metrics(parent_id, {"wall_time_s": wall})
+    return parent_id, wall
+
+
+# ------------------------------------------------------------------------------------------ tables
+def ablation_frame(runs) -> pd.DataFrame:
+    """:func:`experiments.report.runs_frame` with each run's ``variant`` tag."""
+    frame = runs_frame(runs)
+    if frame.empty:
+        return frame
+    variants = {r.info.run_id: r.data.tags.get("variant", "") for r in runs}
+    frame["variant"] = frame.run_id.map(variants)
+    return frame
+
+
+def ablation_table(frame: pd.DataFrame, a: Ablation) -> pd.DataFrame:
+    """One row per variant (in the ablation's order) after the teacher and the baseline student."""
+    ref = a.reference()
+    metric = PRIMARY[ref.task]
+    seeds = ref.protocol.seeds
+    official = a.official().label
+    students = frame[frame.kind == "student"].assign(method=lambda f: f.variant)
+    expected = {"teacher": 1, "baseline": len(seeds), **{v.label: len(seeds) for v in a.variants}}
+    rows = []
+    for label, n_expected in expected.items():
+        sub = frame[frame.variant == label]
+        if len(sub) != n_expected:
+            raise TableError(f"ablation {a.knob}/{label}: {len(sub)} runs in MLflow, expected {n_expected}")
+        values = sub[metric].to_numpy(float)
+        if not np.all(np.isfinite(values)):
+            raise TableError(f"ablation {a.knob}/{label}: non-finite {metric} {values.tolist()}")
+        mean, half = float(np.mean(values)), ci95(values)
+        row = {
+            "knob": a.knob,
+            "task": ref.task,
+            "variant": label,
+            "official": label == official,
+            "metric": metric,
+            "mean": mean,
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else math.nan,
+            "n_seeds": len(values),
+            "ci95": half,
+            "ci95_low": mean - half,
+            "ci95_high": mean + half,
+        }
+        if label not in ("teacher", "baseline"):
+            vs_base = paired(students, metric, label, "baseline")
+            row["paired_diff_vs_baseline"], row["p_vs_baseline"] = vs_base.diff, vs_base.p_value
+            if label != official:
+                vs_off = paired(students, metric, label, official)
+                row["paired_diff_vs_official"], row["p_vs_official"] = vs_off.diff, vs_off.p_value
+        if label != "teacher" and "step_time_s" in sub:
+            row["step_time_s"] = float(sub["step_time_s"].mean())
+        if "added_params" in sub:
+            row["added_params"] = float(sub["added_params"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ablation_markdown(
+    table: pd.DataFrame, a: Ablation, wall: float, parent_id: str, profile: str, environment: str
+) -> str:
+    ref = a.reference()
+    metric = PRIMARY[ref.task]
+    official = a.official().label
+    lines = [
+        f"# Ablation: {a.title} ({ref.task}, embedded benchmark)",
+        "",
+        f"Generated by `nox -s ablations` (`maskd-bench ablations --only {a.knob}`) from MLflow parent run "
+        f"`{parent_id}` (profile `{profile}`). Nothing here is edited by hand.",
+        "",
+        f"| {a.knob} | {metric} mean ± std | ci95 (±) | 95% interval | n | Δ vs baseline (paired p) "
+        f"| Δ vs official `{official}` (paired p) | step time s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in table.itertuples():
+        name = f"**{r.variant}** (official)" if r.official else r.variant
+        lines.append(
+            f"| {name} | {_fmt(r.mean)} ± {_fmt(r.std)} | {_fmt(r.ci95)} | [{_fmt(r.ci95_low)}, {_fmt(r.ci95_high)}] "
+            f"| {r.n_seeds} | {_delta(r, 'baseline')} | {_delta(r, 'official')} "
+            f"| {_fmt(getattr(r, 'step_time_s', math.nan), 3)} |"
+        )
+    lines += ["", "**Findings** (paired t-test on matched seeds, two-sided, α = 0.05):", ""]
+    lines += [f"- {s}" for s in ablation_findings(table, official)]
+    t = ref.student_train
+    tok = ref.tokens
+    lines += [
+        "",
+        "**Protocol.** "
+        f"Task: {a.why}. Manifest `{ref.name}` with only the knob changed; every variant and the baseline use "
+        f"the same student recipe: {t.iterations} iterations at batch {t.batch_size} ({t.optimizer} lr {t.lr:g}, "
+        f"{t.schedule}; the main table trains 500), seeds {ref.protocol.seeds}, the last checkpoint evaluated on "
+        f"the {ref.data.num_val} validation scenes (no selection). Teacher: the main table's (one run, seed 0), "
+        f"reused. Tokens: {tok.iterations} iterations of stage 1 per token setting (seed 0), reused where the knob "
+        "does not change them. The interval is the Student-t 95% interval of the mean over seeds; with "
+        f"{len(ref.protocol.seeds)} seeds it is wide, and a difference smaller than it is not evidence either way.",
+        "",
+        f"Wall time of this ablation: {wall / 60:.1f} min (reused runs count only their look-up). {environment}.",
+        "",
+        f"![{a.knob}]({a.knob}.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _delta(row, against: str) -> str:
+    diff = getattr(row, f"paired_diff_vs_{against}", math.nan)
+    p = getattr(row, f"p_vs_{against}", math.nan)
+    if isinstance(diff, float) and math.isnan(diff):
+        return "–"
+    return f"{diff:+.2f} (p {_p(p)})"
+
+
+def ablation_findings(table: pd.DataFrame, official: str) -> list[str]:
+    out = []
+    for r in table.itertuples():
+        if r.variant in ("teacher", "baseline"):
+            continue
+        p = getattr(r, "p_vs_baseline", math.nan)
+        sig = isinstance(p, float) and not math.isnan(p) and p < ALPHA
+        text = f"`{r.variant}`: {r.paired_diff_vs_baseline:+.2f} vs the baseline student, " + (
+            "significant" if sig else "**not significant**"
+        )
+        if r.variant != official:
+            q = getattr(r, "p_vs_official", math.nan)
+            sig_o = isinstance(q, float) and not math.isnan(q) and q < ALPHA
+            text += f"; {r.paired_diff_vs_official:+.2f} vs the official `{official}`, " + (
+                "significant" if sig_o else "**not significant**"
+            )
+        out.append(text + ".")
+    return out
+
+
+def ablation_plot(table: pd.DataFrame, a: Ablation, path: Path) -> Path:
+    """Metric against the knob, 95% intervals as error bars, the baseline student as a band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table[~table.variant.isin(["teacher", "baseline"])]
+    base = table[table.variant == "baseline"].iloc[0]
+    teacher = table[table.variant == "teacher"].iloc[0]
+    metric = str(base.metric)
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 3.0, 3.6))
+    ax.axhspan(base.ci95_low, base.ci95_high, color="0.85", label="baseline student (no KD), 95% CI")
+    ax.axhline(base["mean"], color="0.5", lw=1)
+    yerr = np.nan_to_num(rows.ci95.to_numpy(float))
+    colors = ["tab:red" if o else "tab:blue" for o in rows.official]
+    ax.errorbar(x, rows["mean"], yerr=yerr, fmt="none", ecolor="k", capsize=4, lw=1)
+    ax.scatter(x, rows["mean"], c=colors, zorder=3)
+    ax.set_xticks(x, rows.variant, rotation=15 if len(rows) > 4 else 0)
+    ax.set_xlabel(a.knob + "  (red: official setting)")
+    ax.set_ylabel(f"{metric} (mean over {int(base.n_seeds)} seeds)")
+    ax.set_title(f"{a.title}\n{rows.task.iloc[0]}; teacher {teacher['mean']:.1f} {metric}", fontsize=10)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def default_out_dir(profile: str) -> Path:
+    root = repo_root() or Path.cwd()
+    base = root / "reports" / "embedded" / "ablations"
+    return base if profile == "default" else base / profile
+
+
+def run_ablations(
+    names: list[str] | None = None,
+    profile: str = "default",
+    tracking_uri: str | None = None,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    reuse: bool = True,
+    report: Callable[[str], None] = print,
+) -> list[tuple[str, Path, Path, Path, float]]:
+    """Run the named ablations (all by default) and write each one's table and plot as soon as it is done."""
+    table = build_ablations(profile)
+    names = list(names or table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise ValueError(f"unknown ablation {unknown[0]!r}; known: {', '.join(table)}")
+    chosen = [table[n] for n in names]
+    for a in chosen:  # every manifest resolved and checked before any work
+        a.manifests()
+    out_dir = out_dir or default_out_dir(profile)
+    tracker = Tracker(tracking_uri)
+    tracker.fail_stale_runs()
+    pipeline = Pipeline(tracker, progress=progress, reuse=reuse)
+    done = []
+    total = sum(count_ablation_stages(a) for a in chosen)
+    with tqdm(total=total, desc=f"ablations[{profile}]", unit="run", disable=not progress) as overall:
+        for a in chosen:
+            parent_id, wall = run_ablation(a, tracker, pipeline, profile, overall)
+            frame = ablation_frame(tracker.children(parent_id))
+            tab = ablation_table(frame, a)
+            md = ablation_markdown(tab, a, wall, parent_id, profile, environment_line())
+            csv_path, md_path = write_table(tab, md, out_dir, stem=a.knob)
+            png = ablation_plot(tab, a, out_dir / f"{a.knob}.png")
+            for path in (csv_path, md_path, png):
+                tracker.client.log_artifact(parent_id, str(path), "table")
+            report(f"{a.knob}: {wall / 60:.1f} min -> {md_path}")
+            done.append((a.knob, csv_path, md_path, png, wall))
+    return done
