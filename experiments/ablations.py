@@ -122,13 +122,10 @@ def build_ablations(profile: str = "default") -> dict[str, Ablation]:
             "Distilled FPN levels (detection)",
             det,
             [
-                Variant(label, {"maskd": {"features": feats}}, official=len(feats) == 5)
-                for label, feats in (
-                    ("P3", ["P3"]),
-                    ("P3-P4", ["P3", "P4"]),
-                    ("P3-P5", ["P3", "P4", "P5"]),
-                    ("P3-P7 (all)", ["P3", "P4", "P5", "P6", "P7"]),
-                )
+                Variant("P3", {"maskd": {"features": ["P3"]}}),
+                Variant("P3-P4", {"maskd": {"features": ["P3", "P4"]}}),
+                Variant("P3-P5", {"maskd": {"features": ["P3", "P4", "P5"]}}),
+                Variant("P3-P7 (all)", {}, official=True),  # the manifest's distill.features: P3-P7
             ],
             "detection (FPN levels exist only there); the tokens are learned anew on the distilled levels only, "
             "the other levels left unmasked in stage 1",
@@ -138,7 +135,7 @@ def build_ablations(profile: str = "default") -> dict[str, Ablation]:
             "Distilled segmentation features: logits, backbone (layer4) or both",
             seg,
             [
-                Variant("logits", {"maskd": {"features": ["logits"]}}, official=True),
+                Variant("logits", {}, official=True),  # the manifest's distill.features: the logits
                 Variant("backbone", {"maskd": {"features": ["backbone"]}, "distill": {"align": True}}),
                 Variant("backbone+logits", {"maskd": {"features": ["backbone", "logits"]}, "distill": {"align": True}}),
             ],

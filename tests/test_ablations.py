@@ -1,0 +1,149 @@
+"""Ablations: the knob values the design asks for, the statistics against hand-computed values, and one
+ablation end to end at the smoke profile (MLflow parent with every child, table, plot, reuse on a second call)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from experiments import ablations as ab
+from experiments.ablations import ablation_markdown, ablation_table, build_ablations, run_ablations
+from experiments.reproduce import TableError
+from experiments.tracking import Tracker
+
+
+@pytest.fixture
+def cache(tmp_path_factory, monkeypatch):
+    root = tmp_path_factory.getbasetemp() / "maskd-cache"
+    monkeypatch.setenv("MASKD_BENCH_CACHE", str(root))
+    return root
+
+
+# ------------------------------------------------------------------------------------------ definitions
+def test_default_ablations_cover_the_requested_values():
+    table = build_ablations("default")
+    assert set(table) == set(ab.ABLATION_NAMES)
+    labels = {k: [v.label for v in a.variants] for k, a in table.items()}
+    assert labels["tokens"] == ["1", "2", "4", "6", "8", "16"]
+    assert labels["dice"] == ["0", "0.1", "0.5", "1", "2", "5"]
+    assert labels["stages_detection"] == ["P3", "P3-P4", "P3-P5", "P3-P7 (all)"]
+    assert labels["stages_segmentation"] == ["logits", "backbone", "backbone+logits"]
+    assert labels["masks"] == ["learned", "untrained", "uniform", "gt_box"]
+    assert labels["weight_head"] == ["on", "off"]
+    assert labels["custom_mask"][:2] == ["off", "on, warm-up 0"]
+    for a in table.values():
+        assert sum(v.official for v in a.variants) == 1, a.knob
+        resolved = a.manifests()
+        assert all(m.student_train.iterations == ab.ABLATION_ITERATIONS for _, m in resolved)
+        # the official variant is the shipped manifest itself (only run length and warm-up rescaled)
+        official = next(m for v, m in resolved if v.official)
+        assert official.to_dict() == a.reference().to_dict()
+    det = table["masks"].reference()
+    assert det.maskd.custom_mask_warmup == round(ab.OFFICIAL_WARMUP_SHARE * ab.ABLATION_ITERATIONS)
+    assert table["tokens"].manifests()[0][1].tokens.num_tokens == 1
+
+
+def test_unknown_ablation_is_refused_before_any_work(tmp_path):
+    with pytest.raises(ValueError, match="unknown ablation 'tokenz'"):
+        run_ablations(["tokenz"], "smoke", f"sqlite:///{tmp_path / 'm.db'}", tmp_path, progress=False)
+    assert not (tmp_path / "m.db").exists()
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def _frame(values: dict[str, list[float]], teacher: float = 20.0) -> pd.DataFrame:
+    rows = [{"kind": "teacher", "variant": "teacher", "method": "teacher", "seed": 0, "mIoU": teacher}]
+    for label, vals in values.items():
+        for seed, v in enumerate(vals):
+            method = "baseline" if label == "baseline" else "maskd"
+            rows.append(
+                {"kind": "student", "variant": label, "method": method, "seed": seed, "mIoU": v, "step_time_s": 0.1}
+            )
+    return pd.DataFrame(rows)
+
+
+def test_ablation_table_statistics_match_hand_computed_values():
+    a = build_ablations("default")["weight_head"]
+    a = ab.Ablation(a.knob, a.title, "embedded_segmentation", a.variants, a.why, {})
+    frame = _frame({"baseline": [10.0, 12.0, 11.0], "on": [13.0, 14.0, 15.0], "off": [12.0, 12.5, 16.0]})
+    table = ablation_table(frame, a).set_index("variant")
+    on = table.loc["on"]
+    # mean 14, sample std 1, t_{0.975,2} = 4.302653 -> ci95 = 4.302653 / sqrt(3) = 2.484138
+    assert on["mean"] == pytest.approx(14.0)
+    assert on["std"] == pytest.approx(1.0)
+    assert on["ci95"] == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    assert on["ci95_low"] == pytest.approx(14.0 - 2.484138, rel=1e-6)
+    # paired differences on vs baseline: 3, 2, 4 -> mean 3, sd 1, t = 3 / (1 / sqrt 3) = 5.196152, df 2
+    # two-sided p = 2 * (1 - F_t2(5.196152)); F_t2(x) = 1/2 + x / (2 sqrt(x^2 + 2))
+    t = 3 / (1 / math.sqrt(3))
+    p = 2 * (1 - (0.5 + t / (2 * math.sqrt(t * t + 2))))
+    assert on["paired_diff_vs_baseline"] == pytest.approx(3.0)
+    assert on["p_vs_baseline"] == pytest.approx(p, rel=1e-6)
+    assert math.isnan(on.get("paired_diff_vs_official", math.nan))  # the official row has no self-comparison
+    off = table.loc["off"]
+    # off - on: -1, -1.5, +1 -> mean -0.5, sd 1.3229 -> t = -0.654654, p = 2 * (1 - F(0.654654))
+    d = np.array([-1.0, -1.5, 1.0])
+    t = d.mean() / (d.std(ddof=1) / math.sqrt(3))
+    p = 2 * (1 - (0.5 + abs(t) / (2 * math.sqrt(t * t + 2))))
+    assert off["paired_diff_vs_official"] == pytest.approx(-0.5)
+    assert off["p_vs_official"] == pytest.approx(p, rel=1e-6)
+    md = ablation_markdown(ablation_table(frame, a), a, 60.0, "parent", "default", "env")
+    assert "ci95" in md and "**not significant**" in md and "Protocol" in md and "weight_head.png" in md
+
+
+def test_ablation_table_refuses_missing_and_non_finite_runs():
+    a = build_ablations("default")["weight_head"]
+    a = ab.Ablation(a.knob, a.title, "embedded_segmentation", a.variants, a.why, {})
+    with pytest.raises(TableError, match="weight_head/off: 2 runs in MLflow, expected 3"):
+        ablation_table(_frame({"baseline": [1, 2, 3], "on": [1, 2, 3], "off": [1, 2]}), a)
+    with pytest.raises(TableError, match="non-finite mIoU"):
+        ablation_table(_frame({"baseline": [1, 2, 3], "on": [1, float("nan"), 3], "off": [1, 2, 3]}), a)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_one_ablation_end_to_end_at_smoke_profile_and_reuse(tmp_path, cache):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "out"
+    done = run_ablations(["masks"], "smoke", uri, out, progress=False, report=lambda _: None)
+    ((knob, csv_path, md_path, png, wall),) = done
+    assert knob == "masks" and wall > 0
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    table = pd.read_csv(csv_path)
+    assert table.variant.tolist() == ["teacher", "baseline", "learned", "untrained", "uniform", "gt_box"]
+    assert {"mean", "std", "ci95", "ci95_low", "ci95_high", "p_vs_baseline", "p_vs_official"} <= set(table.columns)
+    assert table["mean"].map(math.isfinite).all()
+    assert (table.n_seeds[1:] == 2).all()
+    text = md_path.read_text()
+    assert "Ablation: Where the masks come from" in text and "gt_box" in text and "Protocol" in text
+
+    tracker = Tracker(uri)
+    parents = tracker.client.search_runs(
+        [tracker.experiment_id], "tags.kind = 'ablation' and tags.ablation = 'masks'"
+    )
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = tracker.children(parents[0].info.run_id)
+    # teacher, 2 baseline students, tokens for "learned", 4 variants x 2 seeds
+    assert len(children) == 1 + 2 + 1 + 4 * 2
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {r.data.tags.get("variant") for r in children} == {
+        "teacher",
+        "baseline",
+        "learned",
+        "untrained",
+        "uniform",
+        "gt_box",
+    }
+    assert all(r.data.tags.get("ablation") == "masks" for r in children)
+    artifacts = {a.path for a in tracker.client.list_artifacts(parents[0].info.run_id, "table")}
+    assert artifacts == {"table/masks.csv", "table/masks.md", "table/masks.png"}
+
+    # A second call reuses every run (records under a new parent) and writes the same numbers.
+    done2 = run_ablations(["masks"], "smoke", uri, tmp_path / "out2", progress=False, report=lambda _: None)
+    table2 = pd.read_csv(done2[0][1])
+    assert table2["mean"].tolist() == table["mean"].tolist()
+    parents = tracker.client.search_runs(
+        [tracker.experiment_id], "tags.kind = 'ablation' and tags.ablation = 'masks'", order_by=["start_time DESC"]
+    )
+    assert all("reused_from" in r.data.tags for r in tracker.children(parents[0].info.run_id))
