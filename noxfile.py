@@ -82,3 +82,11 @@ def mlflow_ui(session: nox.Session) -> None:
         *session.posargs,
         env={**ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
+
+
+@nox.session(python=PYTHON)
+def mlflow_screenshot(session: nox.Session) -> None:
+    """reports/embedded/ablations/mlflow_compare_<knob>.png: the MLflow compare page of an ablation's runs, taken
+    in headless Chromium (Debian: ``apt-get install -y chromium``) against a real mlflow server on 127.0.0.1."""
+    session.install("-e", ".")
+    session.run("maskd-bench", "screenshot-compare", *session.posargs, env=ENV)

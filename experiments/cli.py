@@ -4,6 +4,7 @@ maskd-bench check-golden DIR [--impl fast|literal|both]   compare every loss wit
 maskd-bench bench-losses [--out reports]                  the loss benchmark (same as ``nox -s bench_losses``)
 maskd-bench reproduce [--profile default|smoke]           the embedded main table (``nox -s reproduce_table``)
 maskd-bench ablations [--only KNOB ...]                   MasKD ablations (same as ``nox -s ablations``)
+maskd-bench screenshot-compare [--ablation KNOB]          MLflow compare page of an ablation, as a PNG
 maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
 maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
 maskd-bench manifests                                     the shipped manifests
@@ -87,6 +88,14 @@ def _ablations(args: argparse.Namespace) -> int:
     for knob, csv_path, md_path, png, wall in done:
         print(f"{knob:20s} {wall / 60:6.1f} min  {md_path}  {csv_path.name}  {png.name}")
     print(f"ablations[{args.profile}]: {len(done)} done in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+def _screenshot(args: argparse.Namespace) -> int:
+    from experiments.screenshot import screenshot_compare
+
+    path = screenshot_compare(args.ablation, args.tracking_uri, args.out)
+    print(f"wrote {path}")
     return 0
 
 
@@ -235,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     abl.add_argument("--out", type=Path, default=None, help="directory for the tables and plots")
     tracking_args(abl)
     abl.set_defaults(func=_ablations)
+
+    shot = sub.add_parser(
+        "screenshot-compare",
+        help="screenshot of the MLflow compare page for one ablation (headless Chromium, real mlflow server)",
+    )
+    shot.add_argument("--ablation", default="tokens", choices=list(ABLATION_CHOICES))
+    shot.add_argument("--tracking-uri", default=None, help="sqlite store (default: mlflow.db at the repository root)")
+    shot.add_argument("--out", type=Path, default=None, help="PNG path (default: reports/embedded/ablations/)")
+    shot.set_defaults(func=_screenshot)
 
     run = sub.add_parser("run", help="run one manifest (teacher, tokens, every method x seed)")
     run.add_argument("manifest", help="a shipped manifest name (see `maskd-bench manifests`) or a .toml path")

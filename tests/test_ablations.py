@@ -119,9 +119,7 @@ def test_one_ablation_end_to_end_at_smoke_profile_and_reuse(tmp_path, cache):
     assert "Ablation: Where the masks come from" in text and "gt_box" in text and "Protocol" in text
 
     tracker = Tracker(uri)
-    parents = tracker.client.search_runs(
-        [tracker.experiment_id], "tags.kind = 'ablation' and tags.ablation = 'masks'"
-    )
+    parents = tracker.client.search_runs([tracker.experiment_id], "tags.kind = 'ablation' and tags.ablation = 'masks'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     children = tracker.children(parents[0].info.run_id)
     # teacher, 2 baseline students, tokens for "learned", 4 variants x 2 seeds
