@@ -416,6 +416,7 @@ def run_ablations(
     progress: bool = True,
     reuse: bool = True,
     report: Callable[[str], None] = print,
+    runtime=None,
 ) -> list[tuple[str, Path, Path, Path, float]]:
     """Run the named ablations (all by default) and write each one's table and plot as soon as it is done."""
     table = build_ablations(profile)
@@ -429,7 +430,7 @@ def run_ablations(
     out_dir = out_dir or default_out_dir(profile)
     tracker = Tracker(tracking_uri)
     tracker.fail_stale_runs()
-    pipeline = Pipeline(tracker, progress=progress, reuse=reuse)
+    pipeline = Pipeline(tracker, progress=progress, reuse=reuse, runtime=runtime)
     done = []
     total = sum(count_ablation_stages(a) for a in chosen)
     with tqdm(total=total, desc=f"ablations[{profile}]", unit="run", disable=not progress) as overall:

@@ -44,16 +44,16 @@ def initial_losses(m: Manifest, teacher_state, token_state, batches: int = 4, se
     """Mean task loss and mean loss of every distillation method over the first ``batches`` training batches of
     seed ``seed``, with the untrained student of that seed and the manifest's current weights."""
     stages.seed_everything(seed)
-    student = stages.build_model(m.student)
+    student = stages.build_model(m.student).to(stages.device())
     teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
     train_set, _, _ = stages.datasets(m)
     methods = [x for x in m.methods if x in WEIGHT_KNOBS]
-    distillers = {x: stages.Distiller(m, x, token_state) for x in methods}
+    distillers = {x: stages.Distiller(m, x, token_state).to(stages.device()) for x in methods}
     student.train()
     task_total, kd_total = 0.0, dict.fromkeys(methods, 0.0)
     stream = stages.infinite_batches(train_set, m.student_train.batch_size, stages.collate_fn(m.task), seed)
     for _ in range(batches):
-        images, targets = next(stream)
+        images, targets = stages.to_device(next(stream))
         losses, feats, extras = stages.task_forward(student, m.task, images, targets)
         task_total += sum(v.item() for v in losses.values())
         for method, distiller in distillers.items():

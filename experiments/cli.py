@@ -71,11 +71,22 @@ def _reproduce(args: argparse.Namespace) -> int:
     from experiments.reproduce import reproduce
 
     csv_path, md_path, parent = reproduce(
-        args.profile, args.tracking_uri, args.out, progress=not args.no_progress, reuse=not args.no_reuse
+        args.profile,
+        args.tracking_uri,
+        args.out,
+        progress=not args.no_progress,
+        reuse=not args.no_reuse,
+        runtime=_runtime(args),
     )
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path} (MLflow parent run {parent})")
     return 0
+
+
+def _runtime(args: argparse.Namespace):
+    from experiments.stages import Runtime
+
+    return Runtime(args.device, args.amp)
 
 
 def _ablations(args: argparse.Namespace) -> int:
@@ -83,7 +94,13 @@ def _ablations(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     done = run_ablations(
-        args.only, args.profile, args.tracking_uri, args.out, progress=not args.no_progress, reuse=not args.no_reuse
+        args.only,
+        args.profile,
+        args.tracking_uri,
+        args.out,
+        progress=not args.no_progress,
+        reuse=not args.no_reuse,
+        runtime=_runtime(args),
     )
     for knob, csv_path, md_path, png, wall in done:
         print(f"{knob:20s} {wall / 60:6.1f} min  {md_path}  {csv_path.name}  {png.name}")
@@ -108,9 +125,10 @@ def _run(args: argparse.Namespace) -> int:
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
     methods = args.methods or None
+    runtime = _runtime(args)
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
-    pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
+    pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse, runtime=runtime)
     tags = parent_tags("manifest", manifest.task)
     with tracker.run(f"manifest/{manifest.name}", tags, manifest.flat()) as parent:
         total = count_stages(manifest, methods, args.seeds)
@@ -129,19 +147,22 @@ def _calibrate(args: argparse.Namespace) -> int:
     from experiments.calibrate import initial_losses
     from experiments.manifest import load_manifest
     from experiments.pipeline import Pipeline
+    from experiments.stages import use_runtime
     from experiments.tracking import Tracker, parent_tags
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
+    runtime = _runtime(args)
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
-    pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse)
+    pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse, runtime=runtime)
     tags = parent_tags("calibration", manifest.task)
     with tracker.run(f"calibrate/{manifest.name}", tags, manifest.flat()) as parent:
         teacher = pipeline.teacher(manifest, parent.info.run_id)
         tokens = (
             pipeline.tokens(manifest, teacher.state_dict, parent.info.run_id) if "maskd" in manifest.methods else None
         )
-        rows = initial_losses(manifest, teacher.state_dict, tokens.state_dict if tokens else None, args.batches)
+        with use_runtime(runtime):
+            rows = initial_losses(manifest, teacher.state_dict, tokens.state_dict if tokens else None, args.batches)
         tracker.log_metrics(parent.info.run_id, {f"initial_kd/{r.method}": r.kd_loss for r in rows})
     print(f"{manifest.name}: mean over the first {args.batches} batches, untrained seed-0 student")
     print(f"{'method':8s} {'knob':20s} {'current':>12s} {'kd loss':>12s} {'task loss':>10s} {'suggested':>12s}")
@@ -204,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--no-reuse", action="store_true", help="recompute runs even if a finished one matches")
+        p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+        p.add_argument(
+            "--amp",
+            choices=["none", "bf16"],
+            default="none",
+            help="bf16: forward passes and losses under torch.autocast in bfloat16 (separate runs: own hashes)",
+        )
 
     rep = sub.add_parser(
         "reproduce",
@@ -297,8 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except Exception as exc:  # one-line errors for bad input (manifests, checkpoints, shapes)
         from experiments.manifest import ManifestError
+        from experiments.stages import RuntimeConfigError
 
-        if isinstance(exc, ManifestError | FileNotFoundError):
+        if isinstance(exc, ManifestError | FileNotFoundError | RuntimeConfigError):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

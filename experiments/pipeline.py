@@ -91,6 +91,11 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
     return digest(spec)
 
 
+def with_amp(config_hash: str, runtime: stages.Runtime) -> str:
+    """bf16 runs are different results: their hash differs; float32 hashes are the same on every device."""
+    return config_hash if runtime.amp == "none" else digest({"hash": config_hash, "amp": runtime.amp})
+
+
 # ------------------------------------------------------------------------------------------ running
 @dataclass
 class StageOutcome:
@@ -103,10 +108,13 @@ class StageOutcome:
 class Pipeline:
     """Runs stages under a parent run; ``progress`` shows bars with ETA for every stage."""
 
-    def __init__(self, tracker: Tracker, progress: bool = True, reuse: bool = True) -> None:
+    def __init__(
+        self, tracker: Tracker, progress: bool = True, reuse: bool = True, runtime: stages.Runtime | None = None
+    ) -> None:
         self.tracker = tracker
         self.progress = progress
         self.reuse = reuse
+        self.runtime = runtime or stages.Runtime()
         self.checkpoints = cache_root() / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         #: Tags added to every child run and reuse record (e.g. ``ablation``/``variant``), and a run-name prefix.
@@ -152,6 +160,8 @@ class Pipeline:
             "config_hash": config_hash,
             "manifest": m.name,
             "stage_version": str(STAGE_VERSION),
+            "device": self.runtime.device,
+            "amp": self.runtime.amp,
             **self.labels,
         }
 
@@ -174,7 +184,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- stages
     def teacher(self, m: Manifest, parent_id: str) -> StageOutcome:
-        h = teacher_hash(m)
+        h = with_amp(teacher_hash(m), self.runtime)
         tags = self._common_tags(m, "teacher", "teacher", 0, h)
         reused = self._reused("teacher", h, f"{m.task}/teacher", parent_id, checkpoint="teacher")
         if reused is not None:
@@ -183,18 +193,19 @@ class Pipeline:
         with self.tracker.run(self.prefix + f"{m.task}/teacher", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
-            if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
-                self.tracker.client.set_tag(rid, "from_cache", "true")
-                result = stages.evaluate_state(m, "teacher", cached, self.progress)
-            else:
-                result = stages.train_teacher(m, "teacher", 0, self._logger(rid), self.progress)
+            with stages.use_runtime(self.runtime):
+                if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
+                    self.tracker.client.set_tag(rid, "from_cache", "true")
+                    result = stages.evaluate_state(m, "teacher", cached, self.progress)
+                else:
+                    result = stages.train_teacher(m, "teacher", 0, self._logger(rid), self.progress)
             path = self._save_checkpoint(result.state_dict, h, "teacher")
             self._log_artifact_as(rid, path, "checkpoint", "teacher.pt")
             self.tracker.log_metrics(rid, result.metrics)
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
     def tokens(self, m: Manifest, teacher_state: dict[str, torch.Tensor], parent_id: str) -> StageOutcome:
-        h = tokens_hash(m)
+        h = with_amp(tokens_hash(m), self.runtime)
         tags = self._common_tags(m, "tokens", "maskd", 0, h)
         reused = self._reused("tokens", h, f"{m.task}/tokens", parent_id, checkpoint="tokens")
         if reused is not None:
@@ -202,19 +213,20 @@ class Pipeline:
         with self.tracker.run(self.prefix + f"{m.task}/tokens", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
-            result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
-            path = self._save_checkpoint(result.state_dict, h, "tokens")
-            self._log_artifact_as(rid, path, "checkpoint", "tokens.pt")
-            self.tracker.log_metrics(rid, result.metrics)
-            teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
-            learner = stages.build_mask_learner(m)
-            learner.load_state_dict(result.state_dict)
-            _, val_set, _ = stages.datasets(m)
-            self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
+            with stages.use_runtime(self.runtime):
+                result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
+                path = self._save_checkpoint(result.state_dict, h, "tokens")
+                self._log_artifact_as(rid, path, "checkpoint", "tokens.pt")
+                self.tracker.log_metrics(rid, result.metrics)
+                teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
+                learner = stages.build_mask_learner(m)
+                learner.load_state_dict(result.state_dict)
+                _, val_set, _ = stages.datasets(m)
+                self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
     def student(self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str) -> StageOutcome:
-        h = student_hash(m, method, seed)
+        h = with_amp(student_hash(m, method, seed), self.runtime)
         tags = self._common_tags(m, "student", method, seed, h)
         reused = self._reused("student", h, f"{m.task}/{method}/s{seed}", parent_id)
         if reused is not None:
@@ -222,7 +234,10 @@ class Pipeline:
         with self.tracker.run(self.prefix + f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
             rid = active.info.run_id
             self._log_manifest(rid, m)
-            result = stages.train_student(m, method, seed, teacher_state, token_state, self._logger(rid), self.progress)
+            with stages.use_runtime(self.runtime):
+                result = stages.train_student(
+                    m, method, seed, teacher_state, token_state, self._logger(rid), self.progress
+                )
             self.tracker.log_metrics(rid, result.metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 path = Path(tmp) / "student.pt"

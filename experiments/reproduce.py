@@ -79,6 +79,7 @@ def reproduce(
     out_dir: Path | None = None,
     progress: bool = True,
     reuse: bool = True,
+    runtime=None,
 ) -> tuple[Path, Path, str]:
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
@@ -86,7 +87,7 @@ def reproduce(
     out_dir = out_dir or default_out_dir(profile)
     tracker = Tracker(tracking_uri)
     tracker.fail_stale_runs()
-    pipeline = Pipeline(tracker, progress=progress, reuse=reuse)
+    pipeline = Pipeline(tracker, progress=progress, reuse=reuse, runtime=runtime)
     start = time.perf_counter()
     tags = parent_tags("table", profile=profile)
     params = {f"manifest.{m.task}": m.name for m in manifests}

@@ -14,6 +14,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,78 @@ class StageResult:
     metrics: dict[str, float]
     state_dict: dict[str, Tensor]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------ runtime
+class RuntimeConfigError(ValueError):
+    """A device or precision this machine cannot run; raised before any work."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the stages run: ``device`` (``cpu``, ``cuda``, ``cuda:1``) and ``amp`` (``none`` or ``bf16``: the
+    forward passes and losses under ``torch.autocast`` in bfloat16, optimizer and checkpoints in float32).
+    Checkpoints and metrics come back on the CPU whatever the device."""
+
+    device: str = "cpu"
+    amp: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.amp not in ("none", "bf16"):
+            raise RuntimeConfigError(f"amp = {self.amp!r}; allowed: 'none', 'bf16'")
+        try:
+            kind = torch.device(self.device).type
+        except RuntimeError:
+            raise RuntimeConfigError(f"device = {self.device!r}; allowed: cpu, cuda, cuda:N") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise RuntimeConfigError(f"device = {self.device!r} but CUDA is not available on this machine")
+        if kind not in ("cpu", "cuda"):
+            raise RuntimeConfigError(f"device = {self.device!r}; allowed: cpu, cuda, cuda:N")
+
+    def autocast(self):
+        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
+
+
+_RUNTIME: ContextVar[Runtime | None] = ContextVar("maskd_bench_runtime", default=None)
+_CPU = Runtime()
+
+
+@contextmanager
+def use_runtime(runtime: Runtime) -> Iterator[Runtime]:
+    """Run the stages called inside on ``runtime.device`` (with ``runtime.amp``)."""
+    token = _RUNTIME.set(runtime)
+    try:
+        yield runtime
+    finally:
+        _RUNTIME.reset(token)
+
+
+def current_runtime() -> Runtime:
+    return _RUNTIME.get() or _CPU
+
+
+def device() -> torch.device:
+    return torch.device(current_runtime().device)
+
+
+def to_device(obj: Any) -> Any:
+    """Tensors (also inside lists, tuples and dicts, e.g. detection targets) moved to the current device."""
+    if isinstance(obj, Tensor):
+        return obj.to(device(), non_blocking=True)
+    if isinstance(obj, dict):
+        return {k: to_device(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_device(v) for v in obj)
+    return obj
+
+
+def cpu_state(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+
+
+def _synchronize() -> None:
+    if device().type == "cuda":
+        torch.cuda.synchronize(device())
 
 
 # ------------------------------------------------------------------------------------------ building blocks
@@ -187,7 +261,7 @@ def evaluate(
     loader = DataLoader(val_set, batch_size=16, shuffle=False, collate_fn=collate_fn(manifest.task))
     model.eval()
     if manifest.task == "detection":
-        return evaluate_detection(model, loader, gt, progress=progress)
+        return evaluate_detection(model, loader, gt, device=device(), progress=progress)
 
     class _Seg(nn.Module):  # normalisation (and optional logit masking) as in training
         def __init__(self, inner):
@@ -199,7 +273,7 @@ def evaluate(
                 return segmenter_forward(self.inner, normalise(x))[0]
             return segmenter_masked_forward(self.inner, normalise(x), transform_logits, transform_backbone)[0]
 
-    metrics = evaluate_segmentation(_Seg(model), loader, scenes.NUM_SEG_CLASSES, progress=progress)
+    metrics = evaluate_segmentation(_Seg(model), loader, scenes.NUM_SEG_CLASSES, device=device(), progress=progress)
     out = {"mIoU": metrics["mIoU"]}
     out.update({f"IoU_{k}": v for k, v in enumerate(metrics["iou_per_class"])})
     return out
@@ -222,6 +296,7 @@ def _train_loop(
     progress: bool,
 ) -> dict[str, float]:
     """The shared supervised loop; ``kd_step(images, targets, student_feats, step, extras)`` adds KD terms."""
+    runtime = current_runtime()
     train_set, _, _ = datasets(manifest)
     params = list(model.parameters()) + (list(extra.parameters()) if extra is not None else [])
     optimizer = build_optimizer(params, cfg)
@@ -233,12 +308,13 @@ def _train_loop(
     step_times: list[float] = []
     bar = tqdm(range(cfg.iterations), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
     for step in bar:
-        images, targets = next(batches)
+        images, targets = to_device(next(batches))
         start = time.perf_counter()
-        losses, feats, extras = task_forward(model, manifest.task, images, targets)
-        terms = {f"loss/{k}": v for k, v in losses.items()}
-        if kd_step is not None:
-            terms.update(kd_step(images, targets, feats, step, extras))
+        with runtime.autocast():
+            losses, feats, extras = task_forward(model, manifest.task, images, targets)
+            terms = {f"loss/{k}": v.float() for k, v in losses.items()}
+            if kd_step is not None:
+                terms.update({k: v.float() for k, v in kd_step(images, targets, feats, step, extras).items()})
         total = sum(terms.values())
         check_finite({**terms, "loss/total": total}, step, desc)
         optimizer.zero_grad(set_to_none=True)
@@ -247,6 +323,7 @@ def _train_loop(
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        _synchronize()
         step_times.append(time.perf_counter() - start)
         if step % cfg.log_every == 0 or step == cfg.iterations - 1:
             values = {k: v.item() for k, v in terms.items()}
@@ -263,14 +340,14 @@ def train_teacher(manifest: Manifest, role: str, seed: int, log: MetricLogger, p
     cfg_model = model_config(manifest, role)
     cfg_train = manifest.teacher_train if role == "teacher" else manifest.student_train
     seed_everything(seed)
-    model = build_model(cfg_model)
+    model = build_model(cfg_model).to(device())
     timing = _train_loop(model, None, manifest, cfg_train, seed, None, log, f"{manifest.task}/{role}/s{seed}", progress)
     _, val_set, gt = datasets(manifest)
     metrics = evaluate(model, manifest, val_set, gt, progress=progress)
     metrics.update(timing)
     metrics["params"] = float(count_parameters(model))
     metrics["added_params"] = 0.0
-    return StageResult(metrics, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    return StageResult(metrics, cpu_state(model))
 
 
 def evaluate_state(manifest: Manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True) -> StageResult:
@@ -286,7 +363,7 @@ def evaluate_state(manifest: Manifest, role: str, state_dict: dict[str, Tensor],
 def load_model(manifest: Manifest, role: str, state_dict: dict[str, Tensor]) -> nn.Module:
     model = build_model(model_config(manifest, role))
     model.load_state_dict(state_dict, strict=True)
-    return model
+    return model.to(device())
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -308,7 +385,7 @@ def build_mask_learner(manifest: Manifest) -> MaskLearning:
         tokens.num_tokens,
         weight_head=tokens.weight_head,
         dice_weight=tokens.dice_weight,
-    )
+    ).to(device())
 
 
 def _masked_task_losses(teacher: nn.Module, learner: MaskLearning, manifest: Manifest, images, targets):
@@ -370,6 +447,7 @@ def learn_tokens(
 ) -> StageResult:
     """Stage 1: receptive tokens on the frozen teacher. Returns the token state_dict and diagnostics."""
     cfg = manifest.tokens
+    runtime = current_runtime()
     seed_everything(seed)
     teacher = freeze(load_model(manifest, "teacher", teacher_state))
     learner = build_mask_learner(manifest)
@@ -386,11 +464,12 @@ def learn_tokens(
         leave=False,
     )
     for step in bar:
-        images, targets = next(batches)
+        images, targets = to_device(next(batches))
         teacher.eval()  # BatchNorm in eval mode every iteration, as MasKDHook.before_train_iter
-        losses, out = _masked_task_losses(teacher, learner, manifest, images, targets)
-        terms = {f"loss/{k}": v for k, v in losses.items()}
-        terms["loss/dice"] = learner.dice_weight * out.dice.sum()
+        with runtime.autocast():
+            losses, out = _masked_task_losses(teacher, learner, manifest, images, targets)
+            terms = {f"loss/{k}": v.float() for k, v in losses.items()}
+            terms["loss/dice"] = learner.dice_weight * out.dice.float().sum()
         total = sum(terms.values())
         check_finite({**terms, "loss/total": total}, step, "tokens")
         optimizer.zero_grad(set_to_none=True)
@@ -405,7 +484,7 @@ def learn_tokens(
             bar.set_postfix(loss=f"{values['loss/total']:.3f}")
     learner.eval()
     metrics = token_diagnostics(manifest, teacher, learner, val_set, gt, progress)
-    state = {k: v.detach().clone() for k, v in learner.state_dict().items()}
+    state = cpu_state(learner)
     return StageResult(metrics, state)
 
 
@@ -479,7 +558,7 @@ def mask_dice_on(
 ) -> list[float]:
     loader = DataLoader(val_set, batch_size=images, shuffle=False, collate_fn=collate_fn(manifest.task))
     batch, _ = next(iter(loader))
-    feats = teacher_features(manifest, teacher, batch, manifest.features_for("maskd"))
+    feats = teacher_features(manifest, teacher, to_device(batch), manifest.features_for("maskd"))
     return [d.item() for d in learner(feats).dice]
 
 
@@ -490,8 +569,8 @@ def example_masks(
     """Images [n, 3, H, W] and the teacher masks of each distilled level, each [n, T, h, w]."""
     loader = DataLoader(val_set, batch_size=images, shuffle=False, collate_fn=collate_fn(manifest.task))
     batch, _ = next(iter(loader))
-    feats = teacher_features(manifest, teacher, batch, manifest.features_for("maskd"))
-    masks = [tokens.masks(f) for tokens, f in zip(learner_or_loss.mask_modules, feats)]
+    feats = teacher_features(manifest, teacher, to_device(batch), manifest.features_for("maskd"))
+    masks = [tokens.masks(f).cpu() for tokens, f in zip(learner_or_loss.mask_modules, feats)]
     x = torch.stack(list(batch)) if isinstance(batch, list | tuple) else batch
     return x, masks
 
@@ -600,9 +679,9 @@ def train_student(
     if method == "baseline":
         return train_teacher(manifest, "student", seed, log, progress)
     seed_everything(seed)
-    student = build_model(manifest.student)
+    student = build_model(manifest.student).to(device())
     teacher = freeze(load_model(manifest, "teacher", teacher_state))
-    distiller = Distiller(manifest, method, token_state)
+    distiller = Distiller(manifest, method, token_state).to(device())
     names = distiller.names
 
     def kd_step(images, targets, feats, step, extras):
@@ -629,4 +708,4 @@ def train_student(
     extra: dict[str, Any] = {}
     if method == "maskd" and manifest.maskd.masks != "gt_box":  # gt_box masks need targets, not a teacher
         extra["masks"] = example_masks(manifest, teacher, distiller.loss, val_set)
-    return StageResult(metrics, {k: v.detach().clone() for k, v in student.state_dict().items()}, extra)
+    return StageResult(metrics, cpu_state(student), extra)

@@ -4,6 +4,7 @@ ablation end to end at the smoke profile (MLflow parent with every child, table,
 from __future__ import annotations
 
 import math
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -12,14 +13,8 @@ import pytest
 from experiments import ablations as ab
 from experiments.ablations import ablation_markdown, ablation_table, build_ablations, run_ablations
 from experiments.reproduce import TableError
+from experiments.screenshot import ablation_runs, compare_url, screenshot_compare
 from experiments.tracking import Tracker
-
-
-@pytest.fixture
-def cache(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "maskd-cache"
-    monkeypatch.setenv("MASKD_BENCH_CACHE", str(root))
-    return root
 
 
 # ------------------------------------------------------------------------------------------ definitions
@@ -103,10 +98,19 @@ def test_ablation_table_refuses_missing_and_non_finite_runs():
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_one_ablation_end_to_end_at_smoke_profile_and_reuse(tmp_path, cache):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    out = tmp_path / "out"
-    done = run_ablations(["masks"], "smoke", uri, out, progress=False, report=lambda _: None)
+@pytest.fixture(scope="module")
+def smoke_masks(tmp_path_factory):
+    """The ``masks`` ablation at the smoke profile, once for the module, on a fresh sqlite store."""
+    tmp = tmp_path_factory.mktemp("ablation")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MASKD_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "maskd-cache"))
+        uri = f"sqlite:///{tmp / 'mlflow.db'}"
+        done = run_ablations(["masks"], "smoke", uri, tmp / "out", progress=False, report=lambda _: None)
+        yield uri, tmp, done
+
+
+def test_one_ablation_end_to_end_at_smoke_profile(smoke_masks):
+    uri, _, done = smoke_masks
     ((knob, csv_path, md_path, png, wall),) = done
     assert knob == "masks" and wall > 0
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
@@ -125,23 +129,29 @@ def test_one_ablation_end_to_end_at_smoke_profile_and_reuse(tmp_path, cache):
     # teacher, 2 baseline students, tokens for "learned", 4 variants x 2 seeds
     assert len(children) == 1 + 2 + 1 + 4 * 2
     assert all(r.info.status == "FINISHED" for r in children)
-    assert {r.data.tags.get("variant") for r in children} == {
-        "teacher",
-        "baseline",
-        "learned",
-        "untrained",
-        "uniform",
-        "gt_box",
-    }
+    variants = {r.data.tags.get("variant") for r in children}
+    assert variants == {"teacher", "baseline", "learned", "untrained", "uniform", "gt_box"}
     assert all(r.data.tags.get("ablation") == "masks" for r in children)
     artifacts = {a.path for a in tracker.client.list_artifacts(parents[0].info.run_id, "table")}
     assert artifacts == {"table/masks.csv", "table/masks.md", "table/masks.png"}
+    parent_id, students = ablation_runs(tracker, "masks")
+    assert parent_id == parents[0].info.run_id and len(students) == 2 + 4 * 2
+    url = compare_url("http://127.0.0.1:5000", tracker.experiment_id, students)
+    assert url.startswith("http://127.0.0.1:5000/#/compare-runs?runs=%5B%22") and students[0] in url
 
-    # A second call reuses every run (records under a new parent) and writes the same numbers.
-    done2 = run_ablations(["masks"], "smoke", uri, tmp_path / "out2", progress=False, report=lambda _: None)
-    table2 = pd.read_csv(done2[0][1])
-    assert table2["mean"].tolist() == table["mean"].tolist()
-    parents = tracker.client.search_runs(
-        [tracker.experiment_id], "tags.kind = 'ablation' and tags.ablation = 'masks'", order_by=["start_time DESC"]
-    )
-    assert all("reused_from" in r.data.tags for r in tracker.children(parents[0].info.run_id))
+
+def test_second_call_reuses_every_run(smoke_masks, monkeypatch):
+    uri, tmp, done = smoke_masks
+    monkeypatch.setenv("MASKD_BENCH_CACHE", str(tmp.parent / "maskd-cache"))
+    done2 = run_ablations(["masks"], "smoke", uri, tmp / "out2", progress=False, report=lambda _: None)
+    assert pd.read_csv(done2[0][1])["mean"].tolist() == pd.read_csv(done[0][1])["mean"].tolist()
+    tracker = Tracker(uri)
+    latest, _ = ablation_runs(tracker, "masks")
+    assert all("reused_from" in r.data.tags for r in tracker.children(latest))
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Chromium (apt-get install -y chromium)")
+def test_compare_page_screenshot_in_headless_chromium(smoke_masks, tmp_path):
+    uri, _, _ = smoke_masks
+    png = screenshot_compare("masks", uri, tmp_path / "compare.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 50_000

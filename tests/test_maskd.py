@@ -365,3 +365,40 @@ def test_saturated_masks_official_nan_and_area_eps():
         safe = MasKDLoss([8], 2, weight_head=False, custom_mask=False, impl=impl, area_eps=1e-5)
         safe.load_tokens(official.state_dict())
         assert torch.isfinite(safe(s, t))
+
+
+@pytest.mark.parametrize("impl", ["fast", "literal"])
+@pytest.mark.parametrize("mask_power", [1, 2])
+def test_fixed_masks_follow_the_formula(impl, mask_power):
+    # Fixed masks (the gt_box ablation) replace the tokens: sum_t mean_c sum_hw M^p D^2 / (sum_hw M + eps), mean
+    # over n and t, no weight head, no customisation even when it is on.
+    g = torch.Generator().manual_seed(3)
+    s = [torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64) for _ in range(2)]
+    t = [torch.randn(2, 5, 6, 7, generator=g, dtype=torch.float64) for _ in range(2)]
+    masks = [(torch.rand(2, 3, 6, 7, generator=g, dtype=torch.float64) > 0.5).double() for _ in range(2)]
+    loss = MasKDLoss(
+        [5, 5],
+        4,
+        weight_head=True,
+        custom_mask=True,
+        custom_mask_warmup=0,
+        impl=impl,
+        area_eps=1e-5,
+        mask_power=mask_power,
+        loss_weight=2.0,
+    ).double()
+    got = loss(s, t, step=100, masks=masks)
+    want = 0.0
+    for si, ti, m in zip(s, t, masks):
+        sq = (si - ti).pow(2).unsqueeze(1) * m.unsqueeze(2).pow(mask_power)  # [N, T, C, H, W]
+        want = want + (sq.sum((3, 4)) / (m.sum((2, 3)).unsqueeze(-1) + 1e-5)).mean()
+    torch.testing.assert_close(got, 2.0 * want)
+
+
+def test_fixed_mask_shape_errors_name_the_level():
+    loss = MasKDLoss([4], 2, custom_mask=False)
+    s, t = torch.randn(2, 4, 5, 5), torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match=r"masks\[0\] has shape \(2, 2, 4, 5\), expected \(2, T, 5, 5\)"):
+        loss(s, t, masks=[torch.ones(2, 2, 4, 5)])
+    with pytest.raises(ValueError, match="masks has 2 levels but student_feats has 1"):
+        loss(s, t, masks=[torch.ones(2, 2, 5, 5)] * 2)
