@@ -299,8 +299,28 @@ def ablation_table(frame: pd.DataFrame, a: Ablation) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def compute_seconds(tracker: Tracker, children) -> float:
+    """Seconds of computation behind an ablation: the durations of the runs it is built from (for a reuse record,
+    the run it points to), teacher excluded (it is the main table's, trained once)."""
+    total = 0.0
+    for run in children:
+        if run.data.tags.get("kind") not in ("tokens", "student"):
+            continue
+        source = run.data.tags.get("reused_from")
+        info = tracker.client.get_run(source).info if source else run.info
+        if info.end_time and info.start_time:
+            total += (info.end_time - info.start_time) / 1000
+    return total
+
+
 def ablation_markdown(
-    table: pd.DataFrame, a: Ablation, wall: float, parent_id: str, profile: str, environment: str
+    table: pd.DataFrame,
+    a: Ablation,
+    wall: float,
+    parent_id: str,
+    profile: str,
+    environment: str,
+    compute: float = math.nan,
 ) -> str:
     ref = a.reference()
     metric = PRIMARY[ref.task]
@@ -326,18 +346,21 @@ def ablation_markdown(
     lines += [f"- {s}" for s in ablation_findings(table, official)]
     t = ref.student_train
     tok = ref.tokens
+    main_length = load_manifest(a.manifest).student_train.iterations
     lines += [
         "",
         "**Protocol.** "
         f"Task: {a.why}. Manifest `{ref.name}` with only the knob changed; every variant and the baseline use "
         f"the same student recipe: {t.iterations} iterations at batch {t.batch_size} ({t.optimizer} lr {t.lr:g}, "
-        f"{t.schedule}; the main table trains {load_manifest(a.manifest).student_train.iterations}), seeds {ref.protocol.seeds}, the last checkpoint evaluated on "
+        f"{t.schedule}; main table: {main_length}), seeds {ref.protocol.seeds}, the last checkpoint evaluated on "
         f"the {ref.data.num_val} validation scenes (no selection). Teacher: the main table's (one run, seed 0), "
         f"reused. Tokens: {tok.iterations} iterations of stage 1 per token setting (seed 0), reused where the knob "
         "does not change them. The interval is the Student-t 95% interval of the mean over seeds; with "
         f"{len(ref.protocol.seeds)} seeds it is wide, and a difference smaller than it is not evidence either way.",
         "",
-        f"Wall time of this ablation: {wall / 60:.1f} min (reused runs count only their look-up). {environment}.",
+        f"Computation behind this table: {compute / 60:.1f} min (the durations of its token and student runs, "
+        f"wherever they were first computed; the teacher is the main table's). Wall time of the call that wrote "
+        f"it: {wall / 60:.1f} min (reused runs count only their look-up). {environment}.",
         "",
         f"![{a.knob}]({a.knob}.png)",
         "",
@@ -439,9 +462,12 @@ def run_ablations(
     with tqdm(total=total, desc=f"ablations[{profile}]", unit="run", disable=not progress) as overall:
         for a in chosen:
             parent_id, wall = run_ablation(a, tracker, pipeline, profile, overall)
-            frame = ablation_frame(tracker.children(parent_id))
+            children = tracker.children(parent_id)
+            frame = ablation_frame(children)
             tab = ablation_table(frame, a)
-            md = ablation_markdown(tab, a, wall, parent_id, profile, environment_line())
+            md = ablation_markdown(
+                tab, a, wall, parent_id, profile, environment_line(), compute_seconds(tracker, children)
+            )
             csv_path, md_path = write_table(tab, md, out_dir, stem=a.knob)
             png = ablation_plot(tab, a, out_dir / f"{a.knob}.png")
             for path in (csv_path, md_path, png):

@@ -26,7 +26,9 @@ def test_runtime_errors_are_one_line_and_early():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cli_refuses_cuda_without_cuda(tmp_path, capsys):
-    code = main(["run", "embedded_segmentation_smoke", "--device", "cuda", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"])
+    code = main(
+        ["run", "embedded_segmentation_smoke", "--device", "cuda", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]
+    )
     assert code == 2
     assert capsys.readouterr().err.strip() == "error: device = 'cuda' but CUDA is not available on this machine"
     assert not (tmp_path / "m.db").exists()  # refused before the store was touched
