@@ -100,7 +100,6 @@ def build_ablations(profile: str = "default") -> dict[str, Ablation]:
     def ablation(knob, title, manifest, variants, why) -> Ablation:
         return Ablation(knob, title, manifest, tuple(variants), why, base[manifest])
 
-    half = iterations[det] // 2
     items = [
         ablation(
             "tokens",
@@ -157,7 +156,6 @@ def build_ablations(profile: str = "default") -> dict[str, Ablation]:
                     {"maskd": {"custom_mask": True, "custom_mask_warmup": det_warmup}},
                     official=True,
                 ),
-                Variant(f"on, warm-up {half} (50%)", {"maskd": {"custom_mask": True, "custom_mask_warmup": half}}),
             ],
             "detection (the official segmentation code has no customisation); the official FCOS warm-up is "
             "5000 of ~176k iterations, 2.8% of the run",

@@ -49,8 +49,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(backend_uri: str, port: int | None = None, log: Path | None = None) -> Iterator[str]:
-    """``mlflow server`` on 127.0.0.1 for ``backend_uri``; yields its URL once ``/health`` answers."""
+def mlflow_server(
+    backend_uri: str, port: int | None = None, log: Path | None = None, extra_args: tuple[str, ...] = ()
+) -> Iterator[str]:
+    """``mlflow server`` on 127.0.0.1 for ``backend_uri`` (one worker, no job execution); yields its URL once
+    ``/health`` answers, and stops the server's process group afterwards."""
     port = port or free_port()
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     if exe is None:
@@ -59,7 +62,7 @@ def mlflow_server(backend_uri: str, port: int | None = None, log: Path | None = 
     out = log.open("wb") if log else subprocess.DEVNULL
     cmd = [exe, "server", "--backend-store-uri", backend_uri, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
-        [*cmd, "--workers", "1"], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        [*cmd, "--workers", "1", *extra_args], stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -72,7 +75,8 @@ def mlflow_server(backend_uri: str, port: int | None = None, log: Path | None = 
             except OSError:
                 pass
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with status {proc.returncode} (log: {log})")
+                tail = log.read_text(errors="replace")[-2000:] if log else ""
+                raise RuntimeError(f"mlflow server exited with status {proc.returncode}: {tail}")
             if time.time() > deadline:
                 raise RuntimeError(f"mlflow server did not answer on {url} within 120 s (log: {log})")
             time.sleep(0.5)

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
 from experiments.manifest import load_manifest
 from experiments.pipeline import Pipeline
+from experiments.screenshot import mlflow_server as serve
 from experiments.tracking import Tracker, parent_tags
 
 
@@ -28,55 +21,9 @@ def _free_port() -> int:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    mlflow_exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
-    assert mlflow_exe, "the mlflow command is not installed"
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = (tmp_path / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            mlflow_exe,
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
-            if time.time() > deadline:
-                raise RuntimeError("mlflow server did not answer /health within 90 s")
-            time.sleep(0.5)
+    artifacts = ("--artifacts-destination", str(tmp_path / "artifacts"))
+    with serve(f"sqlite:///{tmp_path / 'server.db'}", log=tmp_path / "server.log", extra_args=artifacts) as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 def test_smoke_run_logged_over_http(mlflow_server, tmp_path, monkeypatch):
