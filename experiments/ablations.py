@@ -340,7 +340,13 @@ def ablation_markdown(
             f"| {r.n_seeds} | {_delta(r, 'baseline')} | {_delta(r, 'official')} "
             f"| {_fmt(getattr(r, 'step_time_s', math.nan), 3)} |"
         )
-    lines += ["", "**Findings** (paired t-test on matched seeds, two-sided, α = 0.05):", ""]
+    lines += [
+        "",
+        "**Findings** (paired t-test on matched seeds, two-sided, α = 0.05 per comparison; there are "
+        f"{2 * len(a.variants) - 1} comparisons in this table and no correction for multiplicity, so about one "
+        "in twenty null differences reads as significant):",
+        "",
+    ]
     lines += [f"- {s}" for s in ablation_findings(table, official)]
     t = ref.student_train
     tok = ref.tokens
