@@ -32,7 +32,7 @@ def tests(session: nox.Session) -> None:
 def bench_losses(session: nox.Session) -> None:
     """Forward+backward time and peak memory of every loss: writes reports/bench_losses.{md,csv}."""
     session.install("-e", ".")
-    session.run("python", "-m", "experiments.bench_losses", "--out", "reports", *session.posargs, env=ENV)
+    session.run("python", "-m", "experiments.checks.bench_losses", "--out", "reports", *session.posargs, env=ENV)
 
 
 @nox.session(python=PYTHON)

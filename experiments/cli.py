@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ABLATION_CHOICES = (  # experiments.ablations.ABLATION_NAMES, without importing it (a test holds them equal)
+ABLATION_CHOICES = (  # experiments.tables.ablations.ABLATION_NAMES, without importing it (a test holds them equal)
     "masks",
     "tokens",
     "custom_mask",
@@ -35,7 +35,7 @@ def _terminate(signum, _frame):  # SIGTERM -> SystemExit, so open MLflow runs en
 
 
 def _overrides(pairs: list[str]) -> dict:
-    from experiments.manifest import _merge, parse_override
+    from experiments.engine.manifest import _merge, parse_override
 
     out: dict = {}
     for pair in pairs or []:
@@ -44,7 +44,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 
 def _check_golden(args: argparse.Namespace) -> int:
-    from experiments.golden import check_golden, summary_line
+    from experiments.checks.golden import check_golden, summary_line
 
     impls = ["fast", "literal"] if args.impl == "both" else [args.impl]
     all_results = []
@@ -62,13 +62,13 @@ def _check_golden(args: argparse.Namespace) -> int:
 
 
 def _bench_losses(args: argparse.Namespace) -> int:
-    from experiments.bench_losses import main as bench_main
+    from experiments.checks.bench_losses import main as bench_main
 
     return bench_main(args.rest)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from experiments.reproduce import reproduce
+    from experiments.tables.reproduce import reproduce
 
     csv_path, md_path, parent = reproduce(
         args.profile,
@@ -84,13 +84,13 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _runtime(args: argparse.Namespace):
-    from experiments.stages import Runtime
+    from experiments.engine.stages import Runtime
 
     return Runtime(args.device, args.amp)
 
 
 def _ablations(args: argparse.Namespace) -> int:
-    from experiments.ablations import run_ablations
+    from experiments.tables.ablations import run_ablations
 
     start = time.perf_counter()
     done = run_ablations(
@@ -109,7 +109,7 @@ def _ablations(args: argparse.Namespace) -> int:
 
 
 def _screenshot(args: argparse.Namespace) -> int:
-    from experiments.screenshot import screenshot_compare
+    from experiments.checks.screenshot import screenshot_compare
 
     path = screenshot_compare(args.ablation, args.tracking_uri, args.out)
     print(f"wrote {path}")
@@ -119,9 +119,9 @@ def _screenshot(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from experiments.manifest import load_manifest
-    from experiments.pipeline import Pipeline, count_stages
-    from experiments.tracking import Tracker, parent_tags
+    from experiments.engine.manifest import load_manifest
+    from experiments.engine.pipeline import Pipeline, count_stages
+    from experiments.engine.tracking import Tracker, parent_tags
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
     methods = args.methods or None
@@ -144,11 +144,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from experiments.calibrate import initial_losses
-    from experiments.manifest import load_manifest
-    from experiments.pipeline import Pipeline
-    from experiments.stages import use_runtime
-    from experiments.tracking import Tracker, parent_tags
+    from experiments.tables.calibrate import initial_losses
+    from experiments.engine.manifest import load_manifest
+    from experiments.engine.pipeline import Pipeline
+    from experiments.engine.stages import use_runtime
+    from experiments.engine.tracking import Tracker, parent_tags
 
     manifest = load_manifest(args.manifest, _overrides(args.set))
     runtime = _runtime(args)
@@ -172,14 +172,14 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from experiments.manifest import load_manifest
+    from experiments.engine.manifest import load_manifest
 
     print(json.dumps(load_manifest(args.manifest, _overrides(args.set)).to_dict(), indent=2))
     return 0
 
 
 def _list(args: argparse.Namespace) -> int:
-    from experiments.manifest import load_manifest, shipped_manifests
+    from experiments.engine.manifest import load_manifest, shipped_manifests
 
     for name in shipped_manifests():
         m = load_manifest(name)
@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:  # one-line errors for bad input (manifests, checkpoints, shapes)
-        from experiments.manifest import ManifestError
-        from experiments.stages import RuntimeConfigError
+        from experiments.engine.manifest import ManifestError
+        from experiments.engine.stages import RuntimeConfigError
 
         if isinstance(exc, ManifestError | FileNotFoundError | RuntimeConfigError):
             print(f"error: {exc}", file=sys.stderr)

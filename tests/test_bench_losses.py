@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
-from experiments import bench_losses as bench
+from experiments.checks import bench_losses as bench
 
 
 @pytest.fixture

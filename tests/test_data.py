@@ -1,4 +1,4 @@
-"""Tests for experiments.paths and experiments.data (scene generator and loaders), on tiny configs."""
+"""Tests for experiments.engine.paths and experiments.engine.data (scene generator and loaders), on tiny configs."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from experiments import data as D
-from experiments.data import (
+from experiments.engine import data as D
+from experiments.engine.data import (
     IGNORE_INDEX,
     NUM_SEG_CLASSES,
     SceneConfig,
@@ -29,7 +29,7 @@ from experiments.data import (
     load_mnist,
     segmentation_dataset,
 )
-from experiments.paths import cache_root, repo_root
+from experiments.engine.paths import cache_root, repo_root
 
 TINY = {
     "image_size": 64,
@@ -87,7 +87,7 @@ def test_cache_root_env_override_and_created(cache):
 
 
 def test_cache_root_defaults(monkeypatch, tmp_path):
-    from experiments import paths
+    from experiments.engine import paths
 
     monkeypatch.delenv("MASKD_BENCH_CACHE", raising=False)
     # Patched roots so the test creates nothing in the real checkout or home directory.

@@ -1,4 +1,4 @@
-"""Tests for experiments.evaluation: COCO box AP via faster-coco-eval and mIoU via torchmetrics."""
+"""Tests for experiments.engine.evaluation: COCO box AP via faster-coco-eval and mIoU via torchmetrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from experiments.data import (
+from experiments.engine.data import (
     DET_MODEL_NUM_CLASSES,
     NUM_SEG_CLASSES,
     SceneConfig,
@@ -23,7 +23,7 @@ from experiments.data import (
     generate_scenes,
     segmentation_dataset,
 )
-from experiments.evaluation import (
+from experiments.engine.evaluation import (
     DETECTION_KEYS,
     coco_stats_from_predictions,
     detections_to_coco_results,

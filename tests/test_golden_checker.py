@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from experiments.cli import main
-from experiments.golden import check_golden, summary_line
+from experiments.checks.golden import check_golden, summary_line
 
 
 @pytest.fixture

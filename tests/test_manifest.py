@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.manifest import (
+from experiments.engine.manifest import (
     ManifestError,
     digest,
     load_manifest,
     parse_override,
     shipped_manifests,
 )
-from experiments.models import DetectorConfig, SegmenterConfig
-from experiments.pipeline import student_hash, teacher_hash, tokens_hash
+from experiments.engine.models import DetectorConfig, SegmenterConfig
+from experiments.engine.pipeline import student_hash, teacher_hash, tokens_hash
 
 
 @pytest.mark.parametrize("name", shipped_manifests())
@@ -62,7 +62,7 @@ def test_unknown_key_names_key_file_and_allowed(tmp_path):
 
 
 def _shipped(name):
-    from experiments.manifest import MANIFEST_DIR
+    from experiments.engine.manifest import MANIFEST_DIR
 
     return str(MANIFEST_DIR / f"{name}.toml")
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from experiments.golden import check_case
+from experiments.checks.golden import check_case
 from maskd import MasKDLoss, MaskLearning, ReceptiveTokens, dice_coeff
 
 MASKD_CASES = [

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from experiments.models import (
+from experiments.engine.models import (
     DEFAULT_DETECTION_STUDENT,
     DEFAULT_DETECTION_TEACHER,
     DEFAULT_SEGMENTATION_STUDENT,
@@ -33,7 +33,7 @@ from experiments.models import (
     segmenter_forward,
     segmenter_masked_forward,
 )
-from experiments.recorder import FeatureRecorder
+from experiments.engine.recorder import FeatureRecorder
 
 SIZE, BATCH = 64, 2
 

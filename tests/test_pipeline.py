@@ -8,9 +8,9 @@ import math
 import pandas as pd
 import pytest
 
-from experiments import stages
-from experiments.reproduce import PROFILES, reproduce
-from experiments.tracking import Tracker
+from experiments.engine import stages
+from experiments.tables.reproduce import PROFILES, reproduce
+from experiments.engine.tracking import Tracker
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_failing_stage_ends_failed_and_writes_no_table(tmp_path, cache, monkeypa
 
 
 def test_profiles_name_shipped_manifests():
-    from experiments.manifest import load_manifest
+    from experiments.engine.manifest import load_manifest
 
     for names in PROFILES.values():
         assert [load_manifest(n).task for n in names] == ["detection", "segmentation"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from experiments.recorder import FeatureRecorder
+from experiments.engine.recorder import FeatureRecorder
 
 
 class TupleOut(nn.Module):

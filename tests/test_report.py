@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from experiments.report import ci95, findings, main_table, markdown, paired, write_table
+from experiments.tables.report import ci95, findings, main_table, markdown, paired, write_table
 
 
 def test_ci95_matches_the_t_table():

@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 
-from experiments import stages
+from experiments.engine import stages
 from experiments.cli import main
-from experiments.manifest import load_manifest
-from experiments.pipeline import student_hash, with_amp
+from experiments.engine.manifest import load_manifest
+from experiments.engine.pipeline import student_hash, with_amp
 
 
 def test_runtime_errors_are_one_line_and_early():

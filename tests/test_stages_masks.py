@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from experiments.manifest import ManifestError, load_manifest
-from experiments.stages import gt_box_masks, segmentation_mask_transforms
+from experiments.engine.manifest import ManifestError, load_manifest
+from experiments.engine.stages import gt_box_masks, segmentation_mask_transforms
 from maskd import MaskLearning
 
 

@@ -7,10 +7,10 @@ import socket
 
 import pytest
 
-from experiments.manifest import load_manifest
-from experiments.pipeline import Pipeline
-from experiments.screenshot import mlflow_server as serve
-from experiments.tracking import Tracker, parent_tags
+from experiments.engine.manifest import load_manifest
+from experiments.engine.pipeline import Pipeline
+from experiments.checks.screenshot import mlflow_server as serve
+from experiments.engine.tracking import Tracker, parent_tags
 
 
 def _free_port() -> int:

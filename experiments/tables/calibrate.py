@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from . import stages
-from .manifest import Manifest
+from ..engine import stages
+from ..engine.manifest import Manifest
 
 #: method -> (manifest section, the knob that scales the loss)
 WEIGHT_KNOBS = {

@@ -9,7 +9,7 @@ when a named module did not run (on ``get`` and on leaving the ``with`` block).
         fpn = rec.get("backbone.fpn")        # what the module returned: a tensor, tuple or dict, as is
     assert not model.backbone.fpn._forward_hooks   # handles are removed on exit
 
-Prefer the one-pass helpers in :mod:`experiments.models` (``detector_train_step``, ``segmenter_forward``) for
+Prefer the one-pass helpers in :mod:`experiments.engine.models` (``detector_train_step``, ``segmenter_forward``) for
 training; the recorder is for models or modules those helpers do not cover, and for checking them.
 """
 

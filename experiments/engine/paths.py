@@ -12,12 +12,12 @@ CACHE_ENV_VAR = "MASKD_BENCH_CACHE"
 def repo_root() -> Path | None:
     """Return the repository root (the directory holding ``pyproject.toml``), or None.
 
-    This file lives at ``<root>/experiments/paths.py``, so only the parent of the package directory is
+    This file lives at ``<root>/experiments/engine/paths.py``, so only the directory above the ``experiments`` package is
     checked. Walking further up could pick an unrelated project's ``pyproject.toml`` when the package is
     installed non-editable into a virtualenv that happens to sit inside some other project; in that case
     (``experiments`` inside ``site-packages``) the answer is None.
     """
-    candidate = Path(__file__).resolve().parents[1]
+    candidate = Path(__file__).resolve().parents[2]
     return candidate if (candidate / "pyproject.toml").is_file() else None
 
 

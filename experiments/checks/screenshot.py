@@ -25,8 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .paths import repo_root
-from .tracking import Tracker, default_tracking_uri
+from ..engine.paths import repo_root
+from ..engine.tracking import Tracker, default_tracking_uri
 
 CHROMIUM_FLAGS = [
     "--headless",

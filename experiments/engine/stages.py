@@ -6,7 +6,7 @@
 2. ``train_student``: a student per method, task loss plus the method's distillation loss on declared features.
 
 Each stage is a pure function of its config (manifest sections + seed) and returns a :class:`StageResult`;
-tracking and reuse live in :mod:`experiments.pipeline`. Nothing here reads a manifest file.
+tracking and reuse live in :mod:`experiments.engine.pipeline`. Nothing here reads a manifest file.
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from experiments.paths import cache_root
+from experiments.engine.paths import cache_root
 
 __all__ = [
     "CATEGORY_NAMES",

@@ -25,7 +25,7 @@ from .data import SceneConfig
 from .models import DetectorConfig, SegmenterConfig
 
 ModelConfig = DetectorConfig | SegmenterConfig
-MANIFEST_DIR = Path(__file__).parent / "manifests"
+MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
 
 Task = Literal["detection", "segmentation"]
 Method = Literal["baseline", "fitnet", "cwd", "fgd", "maskd"]
@@ -77,7 +77,7 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Distill:
-    """Which declared features (``experiments.models.feature_info`` names) are distilled."""
+    """Which declared features (``experiments.engine.models.feature_info`` names) are distilled."""
 
     features: list[str] = field(default_factory=lambda: ["P3", "P4", "P5", "P6", "P7"])
     align: bool = True  # a trainable 1x1 conv per level on the student side (MasKD/FitNet configs)

@@ -18,7 +18,7 @@ import pandas as pd
 from mlflow.entities import Run
 from scipy import stats
 
-from .manifest import Manifest
+from ..engine.manifest import Manifest
 from .paper import PAPER
 
 METHOD_ORDER = ["teacher", "baseline", "fitnet", "cwd", "fgd", "maskd"]
@@ -79,7 +79,7 @@ def paired(frame: pd.DataFrame, metric: str, a: str, b: str) -> Paired:
 def main_table(frame: pd.DataFrame, paper_keys: dict[str, str] | None = None) -> pd.DataFrame:
     """The main table: one row per task x method (teacher first), primary metric statistics and comparisons.
 
-    ``paper_keys`` maps a task to its paper setting in :data:`experiments.paper.PAPER` (the teacher's
+    ``paper_keys`` maps a task to its paper setting in :data:`experiments.tables.paper.PAPER` (the teacher's
     architecture: ``fcos``, ``retinanet``, ``deeplabv3``).
     """
     paper_keys = paper_keys or {}
@@ -237,7 +237,7 @@ def markdown(
         "- 'added params': parameter elements the method adds during training (align convs, FGD's GcBlocks, "
         "MasKD's frozen tokens and head); none are kept at inference. 'step time ×': mean training-step time "
         "relative to the baseline student's (teacher forward included for distillation methods).",
-        "- 'paper': the number of the corresponding real setting (COCO / Cityscapes, see `experiments/paper.py` for "
+        "- 'paper': the number of the corresponding real setting (COCO / Cityscapes, see `experiments/tables/paper.py` for "
         "sources); its Δ is the paper's gain over its own baseline. The embedded numbers are not comparable in "
         "absolute terms, only in sign and rough size.",
         f"- Environment: {environment}."

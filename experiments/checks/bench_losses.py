@@ -192,7 +192,7 @@ def peak_memory_mb(loss: str, impl: str, device: str, dtype: torch.dtype) -> flo
     cmd = [
         sys.executable,
         "-m",
-        "experiments.bench_losses",
+        "experiments.checks.bench_losses",
         "--memory-case",
         loss,
         impl,

@@ -264,7 +264,7 @@ class DetectorConfig:
     image_size: int = 128
     # RetinaNet: anchor base size per level. torchvision's default is 4 x stride (32..512 for 800-pixel COCO
     # images); 1 x stride gives anchors of 8..203 pixels for the 10..126-pixel digits of 128-pixel scenes
-    # (experiments/data.py SceneConfig.digit_size_px). Each base x gets
+    # (experiments/engine/data.py SceneConfig.digit_size_px). Each base x gets
     # scales_per_octave sizes int(x * 2 ** (k / scales_per_octave)), k = 0.., times each aspect ratio.
     # FCOS uses one "anchor" per location whose size sets the level's regression range (4x..8x the size);
     # torchvision sets it to the stride, which is what anchor_sizes defaults to here.

@@ -23,7 +23,7 @@ from mlflow.entities import Run
 from tqdm import tqdm
 
 from . import stages
-from .figures import mask_grid_png
+from ..tables.figures import mask_grid_png
 from .manifest import Manifest, digest
 from .paths import cache_root
 from .tracking import Tracker

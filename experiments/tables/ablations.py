@@ -4,7 +4,7 @@ Each ablation changes one knob of a shipped manifest (:data:`ABLATION_NAMES`), t
 value and seed (the teacher, and the tokens wherever the knob leaves them unchanged, are reused by config hash),
 adds the no-distillation student of the same run length as the reference, and writes from MLflow only
 ``reports/embedded/ablations/<knob>.{md,csv,png}``. Statistics are those of the main table
-(:mod:`experiments.report`): mean, sample std, 95% Student-t interval over seeds, paired differences on matched
+(:mod:`experiments.tables.report`): mean, sample std, 95% Student-t interval over seeds, paired differences on matched
 seeds with a paired t-test, against the baseline student and against the manifest's own (official) setting.
 
 Run lengths: the students train as long as in the main table (:data:`ABLATION_ITERATIONS` = 500), so each
@@ -27,12 +27,12 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from .manifest import Manifest, _merge, load_manifest
-from .paths import repo_root
-from .pipeline import Pipeline, count_stages
+from ..engine.manifest import Manifest, _merge, load_manifest
+from ..engine.paths import repo_root
+from ..engine.pipeline import Pipeline, count_stages
 from .report import ALPHA, PRIMARY, _fmt, _p, ci95, paired, runs_frame, write_table
 from .reproduce import TableError, environment_line
-from .tracking import Tracker, parent_tags
+from ..engine.tracking import Tracker, parent_tags
 
 #: Student iterations of the default ablation profile (as the main table).
 ABLATION_ITERATIONS = 500
@@ -244,7 +244,7 @@ def run_ablation(
 
 # ------------------------------------------------------------------------------------------ tables
 def ablation_frame(runs) -> pd.DataFrame:
-    """:func:`experiments.report.runs_frame` with each run's ``variant`` tag."""
+    """:func:`experiments.tables.report.runs_frame` with each run's ``variant`` tag."""
     frame = runs_frame(runs)
     if frame.empty:
         return frame

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .manifest import Manifest, load_manifest
-from .paths import repo_root
-from .pipeline import Pipeline, count_stages
+from ..engine.manifest import Manifest, load_manifest
+from ..engine.paths import repo_root
+from ..engine.pipeline import Pipeline, count_stages
 from .report import main_table, markdown, runs_frame, write_table
-from .tracking import Tracker, parent_tags
+from ..engine.tracking import Tracker, parent_tags
 
 PROFILES: dict[str, list[str]] = {
     "default": ["embedded_detection", "embedded_segmentation"],
