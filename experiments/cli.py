@@ -34,13 +34,26 @@ def _terminate(signum, _frame):  # SIGTERM -> SystemExit, so open MLflow runs en
     raise SystemExit(128 + signum)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    from experiments.engine.manifest import _merge, parse_override
+def _checked_methods(args: argparse.Namespace) -> list[str] | None:
+    """``--methods`` and ``--seeds`` checked like the manifest's own lists, before any work."""
+    from experiments.engine.manifest import load_manifest
 
-    out: dict = {}
-    for pair in pairs or []:
-        out = _merge(out, parse_override(pair))
-    return out
+    methods, seeds = args.methods, args.seeds
+    if not methods and seeds is None:
+        return None
+    sets = []
+    if methods:
+        sets.append("methods=[" + ", ".join(f'"{m}"' for m in methods) + "]")
+    if seeds is not None:
+        sets.append("protocol.seeds=[" + ", ".join(str(s) for s in seeds) + "]")
+    load_manifest(args.manifest, sets=[*(args.set or []), *sets])  # raises ManifestError naming the value
+    return methods
+
+
+def method_choices() -> list[str]:
+    from experiments.engine.manifest import method_choices as choices
+
+    return choices()
 
 
 def _check_golden(args: argparse.Namespace) -> int:
@@ -122,9 +135,10 @@ def _run(args: argparse.Namespace) -> int:
     from experiments.engine.manifest import load_manifest
     from experiments.engine.pipeline import Pipeline, count_stages
     from experiments.engine.tracking import Tracker, parent_tags
+    from experiments.tasks import get_task
 
-    manifest = load_manifest(args.manifest, _overrides(args.set))
-    methods = args.methods or None
+    manifest = load_manifest(args.manifest, sets=args.set)
+    methods = _checked_methods(args)
     runtime = _runtime(args)
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
@@ -134,7 +148,7 @@ def _run(args: argparse.Namespace) -> int:
         total = count_stages(manifest, methods, args.seeds)
         with tqdm(total=total, desc=manifest.name, unit="run", disable=args.no_progress) as overall:
             outcomes = pipeline.run_manifest(manifest, parent.info.run_id, methods, args.seeds, overall)
-    metric = "mAP" if manifest.task == "detection" else "mIoU"
+    metric = get_task(manifest.task).primary_metric
     for name, outcome in outcomes.items():
         print(
             f"{name:16s} {metric} {outcome.metrics.get(metric, float('nan')):7.2f}  run {outcome.run_id}"
@@ -150,7 +164,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from experiments.engine.stages import use_runtime
     from experiments.engine.tracking import Tracker, parent_tags
 
-    manifest = load_manifest(args.manifest, _overrides(args.set))
+    manifest = load_manifest(args.manifest, sets=args.set)
     runtime = _runtime(args)
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
@@ -174,7 +188,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from experiments.engine.manifest import load_manifest
 
-    print(json.dumps(load_manifest(args.manifest, _overrides(args.set)).to_dict(), indent=2))
+    print(json.dumps(load_manifest(args.manifest, sets=args.set).to_dict(), indent=2))
     return 0
 
 
@@ -288,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a manifest value, e.g. --set student_train.iterations=100 (repeatable)",
     )
-    run.add_argument("--methods", nargs="+", choices=["baseline", "fitnet", "cwd", "fgd", "maskd"])
+    run.add_argument("--methods", nargs="+", choices=method_choices(), help="default: the manifest's methods")
     run.add_argument("--seeds", nargs="+", type=int)
     tracking_args(run)
     run.set_defaults(func=_run)

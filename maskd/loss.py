@@ -211,23 +211,35 @@ class MasKDLoss(nn.Module):
     ) -> Tensor:
         """``masks``: optional fixed masks, one [N, T', H, W] per level, used instead of the tokens' (no weight
         head, no customisation): the ablation of learned against hand-made masks (e.g. ground-truth boxes)."""
+        total = None
+        for level_loss in self.levels(student_feats, teacher_feats, step, masks):
+            total = level_loss if total is None else total + level_loss
+        return self.loss_weight * self.scale * total
+
+    def levels(
+        self,
+        student_feats: Tensor | Sequence[Tensor],
+        teacher_feats: Tensor | Sequence[Tensor],
+        step: int | None = None,
+        masks: Sequence[Tensor] | None = None,
+    ) -> list[Tensor]:
+        """The loss of each level before ``loss_weight`` and ``scale`` (``forward`` is their weighted sum)."""
         student = as_feature_list(student_feats, "student_feats")
         teacher = as_feature_list(teacher_feats, "teacher_feats")
         check_level_pairs(student, teacher, len(self.mask_modules))
         if masks is not None:
             check_fixed_masks(masks, student)
         customised = self.customised(step) if masks is None else False
-        total = None
+        out = []
         for level, (tokens, s, t) in enumerate(zip(self.mask_modules, student, teacher)):
             if self.detach_teacher:
                 t = t.detach()
             if masks is None:
-                level_loss = self.level_loss(tokens, s, t, customised, level)
+                out.append(self.level_loss(tokens, s, t, customised, level))
             else:
                 fixed = masks[level].to(s.dtype)
-                level_loss = (self._literal if self.impl == "literal" else self._fast)(fixed, None, s, t)
-            total = level_loss if total is None else total + level_loss
-        return self.loss_weight * self.scale * total
+                out.append((self._literal if self.impl == "literal" else self._fast)(fixed, None, s, t))
+        return out
 
     def level_loss(
         self, tokens: ReceptiveTokens, student: Tensor, teacher: Tensor, customised: bool, level: int = 0

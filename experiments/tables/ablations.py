@@ -30,7 +30,7 @@ from tqdm import tqdm
 from ..engine.manifest import Manifest, _merge, load_manifest
 from ..engine.paths import repo_root
 from ..engine.pipeline import Pipeline, count_stages
-from .report import ALPHA, PRIMARY, _fmt, _p, ci95, paired, runs_frame, write_table
+from .report import ALPHA, _fmt, _p, ci95, paired, primary_metric, runs_frame, write_table
 from .reproduce import TableError, environment_line
 from ..engine.tracking import Tracker, parent_tags
 
@@ -256,7 +256,7 @@ def ablation_frame(runs) -> pd.DataFrame:
 def ablation_table(frame: pd.DataFrame, a: Ablation) -> pd.DataFrame:
     """One row per variant (in the ablation's order) after the teacher and the baseline student."""
     ref = a.reference()
-    metric = PRIMARY[ref.task]
+    metric = primary_metric(ref.task)
     seeds = ref.protocol.seeds
     official = a.official().label
     students = frame[frame.kind == "student"].assign(method=lambda f: f.variant)
@@ -321,7 +321,7 @@ def ablation_markdown(
     compute: float = math.nan,
 ) -> str:
     ref = a.reference()
-    metric = PRIMARY[ref.task]
+    metric = primary_metric(ref.task)
     official = a.official().label
     lines = [
         f"# Ablation: {a.title} ({ref.task}, embedded benchmark)",

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 import torch
 
 from ..engine import stages
+from ..engine.distill import build_distillation, distillation_terms
+from ..methods import methods
+from ..tasks import get_task
 from ..engine.manifest import Manifest
 
-#: method -> (manifest section, the knob that scales the loss)
-WEIGHT_KNOBS = {
-    "fitnet": ("fitnet", "loss_weight"),
-    "cwd": ("cwd", "loss_weight"),
-    "fgd": ("fgd", "weight_scale"),
-    "maskd": ("maskd", "loss_weight"),
-}
+
+def weight_knobs() -> dict[str, tuple[str, str]]:
+    """method -> (manifest section, the knob that scales its loss), from the method registry."""
+    return {name: (name, spec.weight_knob) for name, spec in methods().items()}
 
 
 @dataclass
@@ -44,26 +44,26 @@ def initial_losses(m: Manifest, teacher_state, token_state, batches: int = 4, se
     """Mean task loss and mean loss of every distillation method over the first ``batches`` training batches of
     seed ``seed``, with the untrained student of that seed and the manifest's current weights."""
     stages.seed_everything(seed)
-    student = stages.build_model(m.student).to(stages.device())
+    task = get_task(m.task)
+    student = task.build_model(m.student).to(stages.device())
     teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
-    train_set, _, _ = stages.datasets(m)
-    methods = [x for x in m.methods if x in WEIGHT_KNOBS]
-    distillers = {x: stages.Distiller(m, x, token_state).to(stages.device()) for x in methods}
+    train_set, _, _ = task.datasets(m)
+    knobs = weight_knobs()
+    chosen = [x for x in m.methods if x in knobs]
+    distillers = {x: build_distillation(m, x, token_state, seed) for x in chosen}
     student.train()
-    task_total, kd_total = 0.0, dict.fromkeys(methods, 0.0)
-    stream = stages.infinite_batches(train_set, m.student_train.batch_size, stages.collate_fn(m.task), seed)
+    task_total, kd_total = 0.0, dict.fromkeys(chosen, 0.0)
+    stream = stages.infinite_batches(train_set, m.student_train.batch_size, task.collate, seed)
     for _ in range(batches):
         images, targets = stages.to_device(next(stream))
-        losses, feats, extras = stages.task_forward(student, m.task, images, targets)
+        losses, feats, extras = task.forward(student, images, targets)
         task_total += sum(v.item() for v in losses.values())
         for method, distiller in distillers.items():
-            names = distiller.names
-            t_feats = stages.teacher_features(m, teacher, images, names)
-            s_feats = stages.select_features(m, m.student, feats, names)
-            kd_total[method] += distiller(s_feats, t_feats, 0, extras).item()
+            terms = distillation_terms(m, method, distiller, teacher, images, feats, 0, extras)
+            kd_total[method] += sum(v.item() for v in terms.values())
     out = []
-    for method in methods:
-        section, knob = WEIGHT_KNOBS[method]
+    for method in chosen:
+        section, knob = knobs[method]
         out.append(
             Calibration(
                 method,

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from ..engine.manifest import Manifest, load_manifest
 from ..engine.paths import repo_root
 from ..engine.pipeline import Pipeline, count_stages
+from ..tasks import get_task
 from .report import main_table, markdown, runs_frame, write_table
 from ..engine.tracking import Tracker, parent_tags
 
@@ -43,7 +44,7 @@ class TableError(RuntimeError):
 
 def check_runs(frame, manifests: list[Manifest]) -> None:
     for m in manifests:
-        metric = "mAP" if m.task == "detection" else "mIoU"
+        metric = get_task(m.task).primary_metric
         sub = frame[frame.task == m.task] if not frame.empty else frame
         for method in ["teacher", *m.methods]:
             rows = sub[sub.method == method] if not sub.empty else sub

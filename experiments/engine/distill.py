@@ -1,0 +1,89 @@
+"""Stage 2: a student trained with a distillation method, wired from the method registry.
+
+The student and the frozen teacher run on the same batch; the method's :class:`Distillation` (its extra
+modules and loss, built by its plug-in) turns the declared student and teacher features into named loss terms,
+which the training loop adds to the task loss as ``loss/kd_<method>/<term>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from ..methods import DistillBatch, DistillContext, Distillation, get
+from ..tasks import get_task
+from .models import count_parameters
+from .runtime import cpu_state, device, seed_everything
+from .tokens import example_masks, teacher_features
+from .training import MetricLogger, StageResult, freeze, load_model, train_loop, train_model
+
+
+def build_distillation(manifest, method: str, token_state: dict[str, Tensor] | None, seed: int = 0) -> Distillation:
+    """The method's modules for one run (on the current device)."""
+    spec = get(method)
+    task = get_task(manifest.task)
+    names = manifest.features_for(method)
+    s_info, t_info = task.features(manifest.student), task.features(manifest.teacher)
+    ctx = DistillContext(
+        manifest=manifest,
+        method=method,
+        config=getattr(manifest, method),
+        features=names,
+        student_channels=[s_info[n].channels for n in names],
+        teacher_channels=[t_info[n].channels for n in names],
+        token_state=token_state,
+        seed=seed,
+    )
+    distillation = spec.build(ctx)
+    distillation.names = names
+    return distillation.to(device())
+
+
+def distillation_terms(
+    manifest, method: str, distillation: Distillation, teacher, images, feats, step: int, extras
+) -> dict[str, Tensor]:
+    """``loss/kd_<method>/<term>`` for one step: the teacher's features, the student's, the method's terms."""
+    task = get_task(manifest.task)
+    names = distillation.names
+    t_feats = teacher_features(manifest, teacher, images, names)
+    s_feats = task.select_features(manifest.student, feats, names)
+    terms = distillation(s_feats, t_feats, DistillBatch(step=step, extras=extras))
+    return {f"loss/kd_{method}/{k}": v for k, v in terms.items()}
+
+
+def train_student(
+    manifest,
+    method: str,
+    seed: int,
+    teacher_state: dict[str, Tensor] | None,
+    token_state: dict[str, Tensor] | None,
+    log: MetricLogger,
+    progress: bool = True,
+) -> StageResult:
+    """Stage 2: the student with ``method``'s loss added (``baseline``: no distillation)."""
+    run = f"{manifest.task}/{method}/s{seed}"
+    if method == "baseline":
+        return train_model(manifest, "student", seed, log, progress, run=run)
+    task = get_task(manifest.task)
+    seed_everything(seed)
+    student = task.build_model(manifest.student).to(device())
+    teacher = freeze(load_model(manifest, "teacher", teacher_state))
+    distillation = build_distillation(manifest, method, token_state, seed)
+
+    def kd_step(images, targets, feats, step, extras):
+        return distillation_terms(manifest, method, distillation, teacher, images, feats, step, extras)
+
+    timing = train_loop(
+        student, distillation, manifest, manifest.student_train, seed, kd_step, log, run, progress
+    )
+    _, val_set, gt = task.datasets(manifest)
+    metrics = task.evaluate(student, manifest, val_set, gt, progress=progress)
+    metrics.update(timing)
+    metrics["params"] = float(count_parameters(student))
+    metrics["added_params"] = float(count_parameters(distillation))
+    extra: dict[str, Any] = {}
+    masks_source = distillation.token_masks_module()
+    if masks_source is not None:
+        extra["masks"] = example_masks(manifest, teacher, masks_source, val_set)
+    return StageResult(metrics, cpu_state(student), extra)
