@@ -81,11 +81,11 @@ def _shipped(name):
         ),
         ("[protocol]\nseeds = 3\n", r"protocol.seeds must be a list"),
         ("[maskd]\ncustom_mask = 1\n", r"maskd.custom_mask must be bool"),
-        ("methods = ['baseline', 'kd']\n", r"unknown method 'kd'"),
+        ("methods = ['baseline', 'kd']\n", r"m.toml: methods = 'kd' is not allowed; allowed: baseline, fitnet"),
         ("[teacher]\nbackbone = 'vgg16'\n", r"teacher in m.toml: .*backbone"),
         (
             "[teacher]\nimage_size = 256\n",
-            r"teacher.image_size = 256 in m.toml differs from data.image_size = 128",
+            r"m.toml: teacher.image_size = 256 differs from data.image_size = 128",
         ),
         ("[data]\ndigits_per_image = [1]\n", r"data"),
     ],
@@ -101,7 +101,7 @@ def test_fgd_is_refused_for_segmentation(tmp_path):
         tmp_path,
         BASE.format(base=_shipped("embedded_segmentation_smoke")) + "methods = ['baseline', 'fgd']\n",
     )
-    with pytest.raises(ManifestError, match="fgd needs boxes"):
+    with pytest.raises(ManifestError, match="fgd needs boxes for segmentation"):
         load_manifest(path)
 
 

@@ -25,8 +25,8 @@ def test_smoke_table_end_to_end_and_reuse(tmp_path, cache):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     csv_path, md_path, parent = reproduce("smoke", uri, tmp_path / "out", progress=False)
     table = pd.read_csv(csv_path)
-    expected = {("detection", m) for m in ["teacher", "baseline", "fitnet", "cwd", "fgd", "maskd"]}
-    expected |= {("segmentation", m) for m in ["teacher", "baseline", "fitnet", "cwd", "maskd"]}
+    expected = {("detection", m) for m in ["teacher", "baseline", "fitnet", "cwd", "fgd", "pkd", "mgd", "maskd"]}
+    expected |= {("segmentation", m) for m in ["teacher", "baseline", "fitnet", "cwd", "pkd", "mgd", "maskd"]}
     assert set(zip(table.task, table.method)) == expected
     assert {"task", "method", "metric", "mean", "std", "n_seeds", "ci95"} <= set(table.columns)
     assert table["mean"].map(math.isfinite).all()

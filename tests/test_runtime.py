@@ -12,6 +12,7 @@ from experiments.engine import stages
 from experiments.cli import main
 from experiments.engine.manifest import load_manifest
 from experiments.engine.pipeline import student_hash, with_amp
+from experiments.tasks import get_task
 
 
 def test_runtime_errors_are_one_line_and_early():
@@ -56,7 +57,7 @@ def test_bf16_autocast_trains_a_student_on_the_cpu(tmp_path_factory, monkeypatch
     monkeypatch.setenv("MASKD_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "maskd-cache"))
     m = load_manifest("embedded_segmentation_smoke", {"student_train": {"iterations": 3}})
     with stages.use_runtime(stages.Runtime("cpu", "bf16")):
-        teacher = stages.cpu_state(stages.build_model(m.teacher))
+        teacher = stages.cpu_state(get_task(m.task).build_model(m.teacher))
         result = stages.train_student(m, "cwd", 0, teacher, None, lambda v, s: None, progress=False)
     assert math.isfinite(result.metrics["mIoU"])
     assert all(v.dtype != torch.bfloat16 for v in result.state_dict.values())  # weights stay float32

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from experiments.engine.manifest import ManifestError, load_manifest
-from experiments.engine.stages import gt_box_masks, segmentation_mask_transforms
+from experiments.methods.maskd import gt_box_masks
+from experiments.tasks.segmentation import mask_transforms as segmentation_mask_transforms
 from maskd import MaskLearning
 
 
@@ -37,7 +38,7 @@ def test_gt_box_masks_are_the_box_union_and_its_complement():
 
 
 def test_gt_box_masks_are_refused_for_segmentation(tmp_path):
-    with pytest.raises(ManifestError, match="gt_box.*detection only"):
+    with pytest.raises(ManifestError, match="maskd.masks = .gt_box. is not allowed"):
         load_manifest("embedded_segmentation_smoke", {"maskd": {"masks": "gt_box"}})
 
 

@@ -2,9 +2,13 @@
 
 Shapes are the paper's RetinaNet setting: batch 2, C = 256, the five FPN levels P3-P7 of an 800x1216 input
 (100x152, 50x76, 25x38, 13x19, 7x10), T = 6 tokens, weight head and student-mask customisation on; FGD on P3 with
-20 boxes per image. ``literal`` computes what the official code computes, the way it does (the full
-[N, T, C, H, W] tensors, the head's 3x3 convolution in full, gradients into the tokens and head); ``fast`` is this
-project's default form (tokens frozen); ``mse`` is ``F.mse_loss`` summed over the same levels, the floor.
+20 boxes per image; PKD on the same five levels; MGD on the five levels, each with its own generation block (3x3
+conv 256->256, ReLU, 3x3 conv 256->256; no align conv, the student being 256-channel too), the block's parameters
+trained (their gradients are part of the pass), lambda_mgd = 0.65. ``literal`` computes what the official code
+computes, the way it does (the full [N, T, C, H, W] tensors, the head's 3x3 convolution in full, gradients into the
+tokens and head); ``fast`` is this project's default form (tokens frozen for MasKD; PKD's one-pass statistics with
+an analytic backward; MGD's float mask and folded scalar); ``mse`` is ``F.mse_loss`` summed over the same levels,
+the floor.
 
 Time: median of ``--repeats`` forward+backward passes after ``--warmup`` passes, all in one process, so the ratios
 compare like with like. Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` during one pass; on the CPU, which
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 from baselines.cwd import ChannelWiseDivergence
 from baselines.fgd import FGDFeatureLoss
 from baselines.fitnet import FitNetMSE
+from baselines.mgd import MGDLevels
+from baselines.pkd import PKDLoss
 from maskd import MasKDLoss, MaskLearning
 
 FPN_SHAPES = [(100, 152), (50, 76), (25, 38), (13, 19), (7, 10)]  # P3-P7 of 800x1216 (strides 8..128)
@@ -54,6 +60,12 @@ CASES = [
     ("cwd", "mse"),
     ("fitnet", "fast"),
     ("fitnet", "mse"),
+    ("pkd", "fast"),
+    ("pkd", "literal"),
+    ("pkd", "mse"),
+    ("mgd", "fast"),
+    ("mgd", "literal"),
+    ("mgd", "mse"),
 ]
 
 
@@ -148,6 +160,22 @@ def build_case(loss: str, impl: str, device: str, dtype: torch.dtype) -> Callabl
 
         def fn():
             module(student, teacher).backward()
+    elif loss == "pkd":
+        # mmrazor PKD detection configs: loss_weight 6 on the FPN outputs.
+        module = PKDLoss(loss_weight=6.0, impl=impl)
+
+        def fn():
+            module(student, teacher).backward()
+    elif loss == "mgd":
+        # yzd-v/MGD RetinaNet configs: one FeatureLoss per FPN level, alpha 2e-5, lambda 0.65; the draws are fixed
+        # inputs here (the official code draws them inside forward).
+        module = MGDLevels([CHANNELS] * 5, [CHANNELS] * 5, alpha_mgd=2e-5, lambda_mgd=0.65, impl=impl).to(device, dtype)
+        params += list(module.parameters())  # the generation blocks are trained: their grads are reset per pass
+        g = torch.Generator().manual_seed(1)
+        rand = [torch.rand(BATCH, 1, h, w, generator=g).to(device, dtype) for h, w in FPN_SHAPES]
+
+        def fn():
+            module(student, teacher, rand=rand).backward()
     else:
         raise ValueError(f"unknown benchmark case {loss}/{impl}")
 
@@ -335,9 +363,12 @@ def write_reports(rows: list[Row], out_dir: Path, env: dict[str, str], warmup: i
         f"- Shapes: batch {BATCH}, C={CHANNELS}, FPN levels P3-P7 of an {IMAGE_HW[0]}x{IMAGE_HW[1]} input "
         f"({', '.join(f'{h}x{w}' for h, w in FPN_SHAPES)}); T={TOKENS}; FGD on P3 with {BOXES_PER_IMAGE} boxes per "
         "image. `maskd`: stage-2 loss, weight head and customisation on; `maskd_tokens`: stage-1 masked features "
-        "plus Dice; `mse`: `F.mse_loss` summed over the same levels.",
+        "plus Dice; `pkd`: PKD (loss_weight 6) on the five levels; `mgd`: MGD on the five levels, one generation "
+        "block (3x3 conv, ReLU, 3x3 conv, 256->256) per level whose parameter gradients are part of the pass; "
+        "`mse`: `F.mse_loss` summed over the same levels.",
         "- `literal`: the official computation (full [N, T, C, H, W] tensors, the head's 3x3 conv in full, gradients "
-        "into tokens and head); `fast`: this project's default (frozen tokens for `maskd`).",
+        "into tokens and head; PKD's permuted copies and `torch.std`; MGD's integer mask); `fast`: this project's "
+        "default (frozen tokens for `maskd`).",
         f"- Time: median of {rows[0].repeats if rows else 0} forward+backward passes after {warmup} warm-up passes, "
         "all cases in one process.",
         "- Peak memory: CUDA `max_memory_allocated` over one pass; on the CPU the peak RSS above the resting RSS "

@@ -25,6 +25,7 @@ import torch
 
 from ..engine import stages
 from ..engine.manifest import load_manifest
+from ..tasks import get_task
 
 SMALL_DATA = {"data": {"num_train": 48, "num_val": 16}}
 
@@ -39,9 +40,9 @@ def end_to_end(name: str, amp: str, device: str = "cuda") -> dict:
     out: dict = {"manifest": name, "amp": amp}
     start = time.perf_counter()
     with stages.use_runtime(rt):
-        teacher = stages.train_teacher(m, "teacher", 0, _quiet, progress=False)
+        teacher = stages.train_model(m, "teacher", 0, _quiet, progress=False)
         tokens = stages.learn_tokens(m, teacher.state_dict, 0, _quiet, progress=False)
-        metric = stages.primary_metric(m.task)
+        metric = get_task(m.task).primary_metric
         out["teacher"] = teacher.metrics[metric]
         out["tokens_masked_teacher"] = tokens.metrics[f"masked_teacher_{metric}"]
         for method in m.methods:
@@ -62,7 +63,7 @@ def step_times(name: str, amp: str, steps: int, device: str = "cuda") -> dict:
     out: dict = {"manifest": name, "amp": amp}
     with stages.use_runtime(rt):
         torch.manual_seed(0)
-        teacher_state = stages.cpu_state(stages.build_model(m.teacher))
+        teacher_state = stages.cpu_state(get_task(m.task).build_model(m.teacher))
         for method in m.methods:
             r = stages.train_student(m, method, 0, teacher_state, None, _quiet, progress=False)
             out[method] = r.metrics["step_time_s"]
