@@ -8,6 +8,7 @@ maskd-bench screenshot-compare [--ablation KNOB]          MLflow compare page of
 maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
 maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
 maskd-bench manifests                                     the shipped manifests
+maskd-bench methods                                       the registered distillation methods
 """
 
 from __future__ import annotations
@@ -158,11 +159,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from experiments.tables.calibrate import initial_losses
     from experiments.engine.manifest import load_manifest
     from experiments.engine.pipeline import Pipeline
     from experiments.engine.stages import use_runtime
     from experiments.engine.tracking import Tracker, parent_tags
+    from experiments.tables.calibrate import initial_losses
 
     manifest = load_manifest(args.manifest, sets=args.set)
     runtime = _runtime(args)
@@ -189,6 +190,15 @@ def _show(args: argparse.Namespace) -> int:
     from experiments.engine.manifest import load_manifest
 
     print(json.dumps(load_manifest(args.manifest, sets=args.set).to_dict(), indent=2))
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from experiments.methods import methods
+
+    for name, spec in methods().items():
+        knob = f"{name}.{spec.weight_knob}"
+        print(f"{name:8s} {spec.title:8s} {'/'.join(spec.tasks):23s} {knob:20s} {spec.summary}")
     return 0
 
 
@@ -234,11 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--tracking-uri",
             default=None,
-            help="MLflow tracking URI (default: sqlite:///mlflow.db at the repository root; "
-            "http://127.0.0.1:5000 for an mlflow server)",
+            help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the current "
+            "directory; http://127.0.0.1:5000 for an mlflow server)",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.add_argument("--no-reuse", action="store_true", help="recompute runs even if a finished one matches")
+        p.add_argument(
+            "--reuse-stale",
+            action="store_true",
+            help="also reuse finished runs of the same config computed by other code (another code fingerprint); "
+            "they are listed with their git commits",
+        )
+        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
         p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         p.add_argument(
             "--amp",
@@ -327,22 +344,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("manifests", help="list the shipped manifests")
     lst.set_defaults(func=_list)
+
+    mth = sub.add_parser("methods", help="list the registered distillation methods (plug-ins)")
+    mth.set_defaults(func=_methods)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    debug = getattr(args, "debug", False)
+    reuse_stale = getattr(args, "reuse_stale", False)
+    if reuse_stale:
+        from experiments.engine import pipeline
+
+        pipeline.REUSE_STALE = True
     try:
         return args.func(args)
-    except Exception as exc:  # one-line errors for bad input (manifests, checkpoints, shapes)
-        from experiments.engine.manifest import ManifestError
-        from experiments.engine.stages import RuntimeConfigError
+    except Exception as exc:  # one line for expected failures (bad input, a failed run); --debug: the traceback
+        if debug:
+            raise
+        code = _expected_failure(exc)
+        if code is None:
+            raise
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if reuse_stale:
+            _list_stale_reuses()
 
-        if isinstance(exc, ManifestError | FileNotFoundError | RuntimeConfigError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+
+def _expected_failure(exc: BaseException) -> int | None:
+    """2 for bad input, 1 for a run that failed, None for anything unexpected (a bug: full traceback)."""
+    from experiments.engine.checkpoints import CheckpointError
+    from experiments.engine.locks import ClaimTimeout
+    from experiments.engine.manifest import ManifestError
+    from experiments.engine.stages import NonFiniteLoss, RuntimeConfigError
+
+    if isinstance(exc, ManifestError | RuntimeConfigError | FileNotFoundError):
+        return 2
+    if isinstance(exc, NonFiniteLoss | CheckpointError | ClaimTimeout) or _is_torch_load_error(exc):
+        return 1
+    return None
+
+
+def _is_torch_load_error(exc: BaseException) -> bool:
+    import pickle
+
+    text = str(exc)
+    return (
+        isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" in text or "PytorchStreamReader" in text
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    from experiments.engine.checkpoints import clean_torch_message
+
+    message = clean_torch_message(str(exc)) or type(exc).__name__
+    run_id = getattr(exc, "mlflow_run_id", None)
+    if run_id:
+        message += f" (MLflow run {run_id} ended FAILED)"
+    return message
+
+
+def _list_stale_reuses() -> None:
+    from experiments.engine import pipeline
+
+    if pipeline.STALE_REUSED:
+        print(f"reused {len(pipeline.STALE_REUSED)} run(s) computed by other code (--reuse-stale):")
+        for item in pipeline.STALE_REUSED:
+            print(item.line())
+    pipeline.STALE_REUSED.clear()
+    pipeline.REUSE_STALE = False
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from experiments.checks.screenshot import ablation_runs, compare_url, screenshot_compare
+from experiments.cli import ABLATION_CHOICES
+from experiments.engine.tracking import Tracker
 from experiments.tables import ablations as ab
 from experiments.tables.ablations import ablation_markdown, ablation_table, build_ablations, run_ablations
-from experiments.cli import ABLATION_CHOICES
 from experiments.tables.reproduce import TableError
-from experiments.checks.screenshot import ablation_runs, compare_url, screenshot_compare
-from experiments.engine.tracking import Tracker
 
 
 # ------------------------------------------------------------------------------------------ definitions

@@ -87,13 +87,12 @@ def test_cache_root_env_override_and_created(cache):
 
 
 def test_cache_root_defaults(monkeypatch, tmp_path):
-    from experiments.engine import paths
 
     monkeypatch.delenv("MASKD_BENCH_CACHE", raising=False)
-    # Patched roots so the test creates nothing in the real checkout or home directory.
-    monkeypatch.setattr(paths, "repo_root", lambda: tmp_path / "repo")
-    assert cache_root() == tmp_path / "repo" / ".cache" / "maskd-bench"
-    monkeypatch.setattr(paths, "repo_root", lambda: None)  # installed non-editable
+    # never inside the repository: $XDG_CACHE_HOME, else ~/.cache (HOME patched: nothing is created for real)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "maskd-bench"
+    monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert cache_root() == tmp_path / "home" / ".cache" / "maskd-bench"
     assert cache_root().is_dir()

@@ -65,7 +65,9 @@ def test_torch_weights_only_advice_is_never_repeated(tmp_path):
     message = str(caught.value)
     assert "\n" not in message and "False" not in message and "Re-running" not in message
     assert "refused by torch.load(weights_only=True): Unsupported global" in message
-    text = "x. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it can result in " \
+    text = (
+        "x. Re-running `torch.load` with `weights_only` set to `False` will likely succeed, but it can result in "
         "arbitrary code execution. Do it only if you got the file from a trusted source. y"
+    )
     assert clean_torch_message(text) == "x. y"
     assert "weights_only=False" not in clean_torch_message("a. Try torch.load(f, weights_only=False) instead. b")

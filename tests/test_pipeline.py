@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from experiments.engine import stages
-from experiments.tables.reproduce import PROFILES, reproduce
 from experiments.engine.tracking import Tracker
+from experiments.tables.reproduce import PROFILES, reproduce
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_smoke_table_end_to_end_and_reuse(tmp_path, cache):
 
     tracker = Tracker(uri)
     children = tracker.children(parent)
-    assert len(children) == 2 + 2 + 5 * 2 + 4 * 2  # teachers, tokens, students (seeds 0, 1)
+    assert len(children) == 2 + 2 + 7 * 2 + 6 * 2  # teachers, tokens, students (seeds 0, 1)
     for run in children:
         assert run.info.status == "FINISHED", run.data.tags
         assert run.data.metrics and all(math.isfinite(v) for v in run.data.metrics.values())

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from experiments.engine import stages
 from experiments.cli import main
+from experiments.engine import stages
 from experiments.engine.manifest import load_manifest
 from experiments.engine.pipeline import student_hash, with_amp
 from experiments.tasks import get_task

@@ -20,29 +20,31 @@ TINY = [
 ]  # fmt: skip
 
 
-def _edited_copy(tmp_path: Path, name: str, addition: str) -> Path:
-    """A copy of the fingerprinted source with ``addition`` appended to maskd/loss.py."""
+def _edited_copy(tmp_path: Path, name: str, addition: str, file: str = "maskd/loss.py") -> Path:
+    """A copy of the fingerprinted source with ``addition`` appended to ``file``."""
     root = tmp_path / name
     for package in ("maskd", "baselines", "experiments"):
         shutil.copytree(fingerprint.SOURCE_ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    loss = root / "maskd" / "loss.py"
+    loss = root / file
     loss.write_text(loss.read_text() + addition)
     return root
 
 
 def test_comments_and_docstrings_do_not_count():
-    code = 'def f(x):\n    return x + 1\n'
+    code = "def f(x):\n    return x + 1\n"
     assert normalised(code) == normalised('"""Doc."""\n# note\ndef f(x):\n    """Doc."""\n    return x + 1  # why\n')
     assert normalised(code) != normalised(code.replace("+ 1", "+ 2"))
 
 
 def test_editing_the_maskd_loss_changes_only_what_depends_on_it(tmp_path, monkeypatch):
-    stages = [("teacher", None), ("tokens", None), ("student", "baseline"), ("student", "maskd")]
-    before = {s: code_fingerprint(s[0], "segmentation", s[1]) for s in stages}
+    # Detection: its task code does not import maskd (segmentation's does, for its masked forward, so there the
+    # teacher depends on maskd/ too).
+    stages = [("teacher", None), ("tokens", None), ("student", "baseline"), ("student", "maskd"), ("student", "cwd")]
+    before = {s: code_fingerprint(s[0], "detection", s[1]) for s in stages}
     monkeypatch.setattr(fingerprint, "SOURCE_ROOT", _edited_copy(tmp_path, "comment", "\n# a comment only\n"))
-    assert {s: code_fingerprint(s[0], "segmentation", s[1]) for s in stages} == before
+    assert {s: code_fingerprint(s[0], "detection", s[1]) for s in stages} == before
     monkeypatch.setattr(fingerprint, "SOURCE_ROOT", _edited_copy(tmp_path, "code", "\nSCALE_FIX = 2\n"))
-    after = {s: code_fingerprint(s[0], "segmentation", s[1]) for s in stages}
+    after = {s: code_fingerprint(s[0], "detection", s[1]) for s in stages}
     assert after[("teacher", None)] == before[("teacher", None)]
     assert after[("student", "baseline")] == before[("student", "baseline")]
     assert after[("tokens", None)] != before[("tokens", None)]
@@ -67,27 +69,31 @@ def test_changed_code_retrains_and_reuse_stale_lists_old_runs(tmp_path, tmp_path
     first_maskd = computed("student", "maskd")[0]
     assert first_maskd.data.tags["code_fingerprint"] == code_fingerprint("student", "segmentation", "maskd")
 
-    # The MasKD loss changes: tokens and the MasKD student are recomputed, the teacher and baseline are reused.
-    monkeypatch.setattr(fingerprint, "SOURCE_ROOT", _edited_copy(tmp_path, "v2", "\nSCALE_FIX = 2\n"))
+    # The FGD loss changes (MasKD's student uses its box masks): only the MasKD student is recomputed.
+    fgd = "baselines/fgd.py"
+    monkeypatch.setattr(fingerprint, "SOURCE_ROOT", _edited_copy(tmp_path, "v2", "\nSCALE_FIX = 2\n", fgd))
     capsys.readouterr()
     assert main(args) == 0
     out = capsys.readouterr().out
     assert len(computed("teacher")) == 1 and len(computed("student", "baseline")) == 1
-    assert len(computed("tokens")) == 2 and len(computed("student", "maskd")) == 2
+    assert len(computed("tokens")) == 1 and len(computed("student", "maskd")) == 2
     assert "reused 0" not in out and "computed by other code" not in out
 
     # Another edit, with --reuse-stale: nothing is recomputed, and the stale runs are listed with their commits.
+    # (maskd/loss.py: every segmentation stage depends on it, as the task's masked forward imports maskd.)
     monkeypatch.setattr(fingerprint, "SOURCE_ROOT", _edited_copy(tmp_path, "v3", "\nSCALE_FIX = 3\n"))
     assert main([*args, "--reuse-stale"]) == 0
     out = capsys.readouterr().out
-    assert len(computed("tokens")) == 2 and len(computed("student", "maskd")) == 2
+    assert len(computed("teacher")) == 1 and len(computed("tokens")) == 1 and len(computed("student", "maskd")) == 2
     lines = out.splitlines()
-    assert "reused 2 run(s) computed by other code (--reuse-stale):" in lines
-    listed = lines[lines.index("reused 2 run(s) computed by other code (--reuse-stale):") + 1 :]
-    assert [line.split()[0] for line in listed] == ["segmentation/tokens", "segmentation/maskd/s0"]
+    header = "reused 4 run(s) computed by other code (--reuse-stale):"
+    assert header in lines, out
+    listed = lines[lines.index(header) + 1 :]
+    names = ["segmentation/teacher", "segmentation/tokens", "segmentation/baseline/s0", "segmentation/maskd/s0"]
+    assert [line.split()[0] for line in listed] == names
     assert all(f"git {first_maskd.data.tags['git_commit']}" in line for line in listed)
     stale = tracker.client.search_runs([tracker.experiment_id], "tags.reused_stale = 'true'")
-    assert len(stale) == 2
+    assert len(stale) == 4
 
 
 def test_git_commit_is_read_without_the_index_lock(monkeypatch):

@@ -7,9 +7,9 @@ import socket
 
 import pytest
 
+from experiments.checks.screenshot import mlflow_server as serve
 from experiments.engine.manifest import load_manifest
 from experiments.engine.pipeline import Pipeline
-from experiments.checks.screenshot import mlflow_server as serve
 from experiments.engine.tracking import Tracker, parent_tags
 
 

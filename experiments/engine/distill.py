@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..methods import DistillBatch, DistillContext, Distillation, get
+from ..methods import Distillation, DistillBatch, DistillContext, get
 from ..tasks import get_task
 from .models import count_parameters
 from .runtime import cpu_state, device, seed_everything
@@ -74,9 +74,7 @@ def train_student(
     def kd_step(images, targets, feats, step, extras):
         return distillation_terms(manifest, method, distillation, teacher, images, feats, step, extras)
 
-    timing = train_loop(
-        student, distillation, manifest, manifest.student_train, seed, kd_step, log, run, progress
-    )
+    timing = train_loop(student, distillation, manifest, manifest.student_train, seed, kd_step, log, run, progress)
     _, val_set, gt = task.datasets(manifest)
     metrics = task.evaluate(student, manifest, val_set, gt, progress=progress)
     metrics.update(timing)

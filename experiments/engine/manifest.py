@@ -273,9 +273,7 @@ def resolve_path(name: str | Path) -> Path:
     raise ManifestError(f"manifest {name} not found (shipped: {', '.join(shipped_manifests())})")
 
 
-def load_manifest(
-    name: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None
-) -> Manifest:
+def load_manifest(name: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> Manifest:
     """Read, merge with its bases, apply ``overrides`` (a nested dict) and ``sets`` (``key=value`` texts, as
     ``--set`` gives them), check every key, type, range and cross-field rule (:func:`validate`). Any problem is
     a :class:`ManifestError` naming where the value came from (file or ``--set``), before any work."""

@@ -5,12 +5,24 @@ FINISHED run of an earlier table is not recomputed: a small child pointing at it
 metrics copied is recorded instead, so every table's parent holds every run the table is built from.
 Teachers and tokens are also cached on disk by hash (``cache_root()/checkpoints``), so a fresh MLflow store
 re-evaluates a cached teacher instead of retraining it.
+
+A run is reused when both its ``config_hash`` (the stage's config, upstream stages' configs included) and its
+``code_fingerprint`` (the normalised source of the code that computes it, :mod:`.fingerprint`) match. A run of the
+same config computed by other code is reused only with ``reuse_stale`` (``--reuse-stale``); such reuses are
+listed in :data:`STALE_REUSED`. Checkpoints are written atomically, carry their sha256 (tag ``checkpoint_sha256``
+and a ``.sha256`` file beside them) and are verified before use: a bad one is deleted and fetched again from the
+run's artifacts, or the stage is rebuilt. Several processes may share one store and one cache: a stage is
+claimed (a lock file per stage key under ``cache_root()/claims``) while it is computed, so the same stage is
+computed once and the others wait and reuse it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,14 +34,40 @@ import torch
 from mlflow.entities import Run
 from tqdm import tqdm
 
-from . import stages
+from .. import methods
 from ..tables.figures import mask_grid_png
+from ..tasks import get_task
+from . import checkpoints as ckpt
+from . import stages
+from .fingerprint import code_fingerprint
+from .locks import claim_timeout, file_lock
 from .manifest import Manifest, digest
 from .paths import cache_root
+from .tokens import token_features
 from .tracking import Tracker
 
-#: Bump when a stage's code changes what it computes, so old runs are not reused.
-STAGE_VERSION = 1
+#: Default of :class:`Pipeline`'s ``reuse_stale`` (the command line sets it from ``--reuse-stale``).
+REUSE_STALE = False
+
+
+@dataclass(frozen=True)
+class StaleReuse:
+    """A finished run reused although it was computed by other code (``--reuse-stale``)."""
+
+    name: str  # the reuse record's run name, e.g. ``detection/teacher``
+    run_id: str  # the reused run
+    git_commit: str  # its ``git_commit`` tag
+    fingerprint: str  # its ``code_fingerprint`` tag
+    current: str  # today's fingerprint
+
+    def line(self) -> str:
+        return (
+            f"  {self.name:24s} run {self.run_id}  git {self.git_commit}  code {self.fingerprint} (now {self.current})"
+        )
+
+
+#: Every stale reuse in this process, in order.
+STALE_REUSED: list[StaleReuse] = []
 
 
 # ------------------------------------------------------------------------------------------ hashes
@@ -40,7 +78,6 @@ def _asdict(obj: Any) -> Any:
 def teacher_hash(m: Manifest) -> str:
     return digest(
         {
-            "v": STAGE_VERSION,
             "stage": "teacher",
             "task": m.task,
             "data": _asdict(m.data),
@@ -54,11 +91,10 @@ def teacher_hash(m: Manifest) -> str:
 def tokens_hash(m: Manifest) -> str:
     return digest(
         {
-            "v": STAGE_VERSION,
             "stage": "tokens",
             "teacher": teacher_hash(m),
             "tokens": _asdict(m.tokens),
-            "features": m.features_for("maskd"),
+            "features": token_features(m),
             "seed": 0,
         }
     )
@@ -66,7 +102,6 @@ def tokens_hash(m: Manifest) -> str:
 
 def student_hash(m: Manifest, method: str, seed: int) -> str:
     spec: dict[str, Any] = {
-        "v": STAGE_VERSION,
         "stage": "student",
         "task": m.task,
         "data": _asdict(m.data),
@@ -76,24 +111,32 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
         "seed": seed,
     }
     if method != "baseline":
+        plugin = methods.get(method)
         spec.update(
             teacher=teacher_hash(m),
             features=m.features_for(method),
             align=m.distill.align,
             cfg=_asdict(getattr(m, method)),
+            **plugin.hash_inputs(m),
         )
-    if method == "maskd":
-        spec["tokens"] = (
-            tokens_hash(m)
-            if m.maskd.masks == "learned"
-            else {"num_tokens": m.tokens.num_tokens, "weight_head": m.tokens.weight_head}
-        )
+        if plugin.uses_tokens(m):
+            spec["tokens"] = tokens_hash(m)
     return digest(spec)
 
 
 def with_amp(config_hash: str, runtime: stages.Runtime) -> str:
     """bf16 runs are different results: their hash differs; float32 hashes are the same on every device."""
     return config_hash if runtime.amp == "none" else digest({"hash": config_hash, "amp": runtime.amp})
+
+
+def stage_fingerprint(m: Manifest, kind: str, method: str | None = None) -> str:
+    """The code fingerprint of a stage of ``m`` (its own code and the upstream stages' code it depends on)."""
+    return code_fingerprint(kind, m.task, method)
+
+
+def stage_key(config_hash: str, fingerprint: str) -> str:
+    """The stage's full hash, config and code: names its cached checkpoint and its claim."""
+    return digest({"config": config_hash, "code": fingerprint})
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -109,14 +152,21 @@ class Pipeline:
     """Runs stages under a parent run; ``progress`` shows bars with ETA for every stage."""
 
     def __init__(
-        self, tracker: Tracker, progress: bool = True, reuse: bool = True, runtime: stages.Runtime | None = None
+        self,
+        tracker: Tracker,
+        progress: bool = True,
+        reuse: bool = True,
+        runtime: stages.Runtime | None = None,
+        reuse_stale: bool | None = None,
     ) -> None:
         self.tracker = tracker
         self.progress = progress
         self.reuse = reuse
+        self.reuse_stale = REUSE_STALE if reuse_stale is None else reuse_stale
         self.runtime = runtime or stages.Runtime()
         self.checkpoints = cache_root() / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self.claims = cache_root() / "claims"
         #: Tags added to every child run and reuse record (e.g. ``ablation``/``variant``), and a run-name prefix.
         self.labels: dict[str, str] = {}
         self.prefix = ""
@@ -131,35 +181,69 @@ class Pipeline:
     def _logger(self, run_id: str) -> Callable[[dict[str, float], int], None]:
         return lambda values, step: self.tracker.log_metrics(run_id, values, step)
 
-    def _save_checkpoint(self, state: dict[str, torch.Tensor], config_hash: str, name: str) -> Path:
-        path = self.checkpoints / f"{name}-{config_hash}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
-        return path
+    def _save_checkpoint(self, state: dict[str, torch.Tensor], key: str, name: str) -> tuple[Path, str]:
+        """Write the cache file atomically (unique temporary file, ``os.replace``); returns it and its sha256."""
+        path = self.checkpoints / f"{name}-{key}.pt"
+        return path, ckpt.save_atomic(state, path)
 
-    def _checkpoint(self, run: Run | None, config_hash: str, name: str) -> dict[str, torch.Tensor] | None:
-        """The cached checkpoint of ``name``/``config_hash``, from disk or the run's artifacts; None if neither."""
-        path = self.checkpoints / f"{name}-{config_hash}.pt"
-        if not path.is_file() and run is not None:
+    def _checkpoint(
+        self, run: Run | None, key: str, name: str, validate: Callable[[dict[str, torch.Tensor]], Any] | None = None
+    ) -> dict[str, torch.Tensor] | None:
+        """The checkpoint ``name`` of stage ``key``, from the disk cache or else the run's artifacts; None if
+        neither holds a good one. A cached file is checked against the sha256 its run recorded (else the one
+        written beside it), loaded with ``weights_only=True`` and, with ``validate``, into the model; a bad one is
+        deleted (one line on stderr) and fetched again."""
+        path = self.checkpoints / f"{name}-{key}.pt"
+        expected = run.data.tags.get("checkpoint_sha256") if run is not None else None
+        if path.is_file():
             try:
-                downloaded = self.tracker.download(run.info.run_id, f"checkpoint/{name}.pt")
-                downloaded.replace(path)
-            except Exception:  # artifact missing or store moved: the stage is recomputed
-                return None
-        if not path.is_file():
+                return self._verified(path, expected, validate)
+            except ckpt.CheckpointError as exc:
+                ckpt.remove(path)
+                then = f"fetching it again from run {run.info.run_id}" if run is not None else "the stage is rebuilt"
+                _say(f"cache: deleted {exc}; {then}")
+        if run is None:
             return None
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with self.tracker.downloaded(run.info.run_id, f"checkpoint/{name}.pt") as downloaded:
+                state = self._verified(downloaded, expected, validate)
+                digest_ = expected or ckpt.sha256_file(downloaded)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=self.checkpoints)
+                os.close(fd)
+                shutil.copyfile(downloaded, tmp)  # the download may lie on another file system
+                os.replace(tmp, path)
+                ckpt.write_text_atomic(ckpt.sidecar(path), digest_ + "\n")
+                return state
+        except ckpt.CheckpointError as exc:
+            _say(f"cache: run {run.info.run_id}'s artifact is bad too ({exc}); the stage is rebuilt")
+            return None
+        except Exception:  # artifact missing or store moved: the stage is recomputed
+            return None
 
-    def _common_tags(self, m: Manifest, kind: str, method: str, seed: int, config_hash: str) -> dict[str, str]:
+    @staticmethod
+    def _verified(
+        path: Path, expected: str | None, validate: Callable[[dict[str, torch.Tensor]], Any] | None
+    ) -> dict[str, torch.Tensor]:
+        state = ckpt.load_checked(path, expected)
+        if validate is not None:
+            try:
+                validate(state)
+            except (RuntimeError, ValueError, KeyError) as exc:
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise ckpt.CheckpointError(f"{path}: does not fit the model ({reason})") from None
+        return state
+
+    def _common_tags(
+        self, m: Manifest, kind: str, method: str, seed: int, config_hash: str, fingerprint: str
+    ) -> dict[str, str]:
         return {
             "kind": kind,
             "task": m.task,
             "method": method,
             "seed": str(seed),
             "config_hash": config_hash,
+            "code_fingerprint": fingerprint,
             "manifest": m.name,
-            "stage_version": str(STAGE_VERSION),
             "device": self.runtime.device,
             "amp": self.runtime.amp,
             **self.labels,
@@ -169,82 +253,155 @@ class Pipeline:
         self.tracker.client.log_dict(run_id, m.to_dict(), "manifest.json")
 
     def _reused(
-        self, kind: str, config_hash: str, run_name: str, parent_id: str, checkpoint: str | None = None
+        self,
+        kind: str,
+        config_hash: str,
+        fingerprint: str,
+        run_name: str,
+        parent_id: str,
+        checkpoint: str | None = None,
+        validate: Callable[[dict[str, torch.Tensor]], Any] | None = None,
     ) -> StageOutcome | None:
-        """A reuse record under ``parent_id`` for a finished run of ``kind`` with ``config_hash`` (and, if the stage
-        hands a checkpoint on, that checkpoint); None when the stage must run."""
-        found = self.tracker.find_finished(config_hash, kind) if self.reuse else None
+        """A reuse record under ``parent_id`` for a finished run of ``kind`` with ``config_hash`` and
+        ``fingerprint`` (any fingerprint with ``reuse_stale``) and, if the stage hands a checkpoint on, that
+        checkpoint; None when the stage must run."""
+        if not self.reuse:
+            return None
+        found = self.tracker.find_finished(config_hash, kind, fingerprint)
+        stale = False
+        if found is None and self.reuse_stale:
+            found = self.tracker.find_finished(config_hash, kind)
+            stale = found is not None
         if found is None:
             return None
-        state = self._checkpoint(found, config_hash, checkpoint) if checkpoint else None
-        if checkpoint and state is None:
-            return None
-        rid = self.tracker.record_reuse(found, self.prefix + run_name, parent_id, self.labels)
+        state = None
+        if checkpoint:
+            key = stage_key(config_hash, found.data.tags.get("code_fingerprint", fingerprint))
+            state = self._checkpoint(found, key, checkpoint, validate)
+            if state is None:
+                return None
+        labels = {**self.labels, "reused_stale": "true"} if stale else self.labels
+        rid = self.tracker.record_reuse(found, self.prefix + run_name, parent_id, labels)
+        if stale:
+            STALE_REUSED.append(
+                StaleReuse(
+                    self.prefix + run_name,
+                    found.info.run_id,
+                    found.data.tags.get("git_commit", "unknown"),
+                    found.data.tags.get("code_fingerprint", "none"),
+                    fingerprint,
+                )
+            )
         return StageOutcome(rid, dict(found.data.metrics), state, True)
+
+    def _claim(self, kind: str, key: str, run_name: str):
+        """Hold stage ``key``'s claim while computing it: other processes on this cache wait, then reuse."""
+        return file_lock(
+            self.claims / f"{kind}-{key}.lock",
+            timeout=claim_timeout(),
+            waiting=f"waiting: {self.prefix + run_name} is being computed by another process",
+        )
 
     # ---------------------------------------------------------------------------------------- stages
     def teacher(self, m: Manifest, parent_id: str) -> StageOutcome:
         h = with_amp(teacher_hash(m), self.runtime)
-        tags = self._common_tags(m, "teacher", "teacher", 0, h)
-        reused = self._reused("teacher", h, f"{m.task}/teacher", parent_id, checkpoint="teacher")
+        fp = stage_fingerprint(m, "teacher")
+        key = stage_key(h, fp)
+        tags = self._common_tags(m, "teacher", "teacher", 0, h, fp)
+        name = f"{m.task}/teacher"
+
+        def validate(state: dict[str, torch.Tensor]) -> None:
+            get_task(m.task).build_model(m.teacher).load_state_dict(state, strict=True)
+
+        args = ("teacher", h, fp, name, parent_id, "teacher", validate)
+        reused = self._reused(*args)
         if reused is not None:
             return reused
-        cached = self._checkpoint(None, h, "teacher") if self.reuse else None
-        with self.tracker.run(self.prefix + f"{m.task}/teacher", tags, m.flat(), parent_id) as active:
-            rid = active.info.run_id
-            self._log_manifest(rid, m)
-            with stages.use_runtime(self.runtime):
-                if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
-                    self.tracker.client.set_tag(rid, "from_cache", "true")
-                    result = stages.evaluate_state(m, "teacher", cached, self.progress)
-                else:
-                    result = stages.train_teacher(m, "teacher", 0, self._logger(rid), self.progress)
-            path = self._save_checkpoint(result.state_dict, h, "teacher")
-            self._log_artifact_as(rid, path, "checkpoint", "teacher.pt")
-            self.tracker.log_metrics(rid, result.metrics)
+        with self._claim("teacher", key, name):
+            reused = self._reused(*args)  # computed by another process while this one waited
+            if reused is not None:
+                return reused
+            self.tracker.fail_abandoned(h, "teacher", fp)
+            cached = self._checkpoint(None, key, "teacher", validate) if self.reuse else None
+            with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id) as active:
+                rid = active.info.run_id
+                self._log_manifest(rid, m)
+                with stages.use_runtime(self.runtime):
+                    if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
+                        self.tracker.client.set_tag(rid, "from_cache", "true")
+                        result = stages.evaluate_state(m, "teacher", cached, self.progress)
+                    else:
+                        result = stages.train_model(m, "teacher", 0, self._logger(rid), self.progress)
+                path, sha = self._save_checkpoint(result.state_dict, key, "teacher")
+                self.tracker.client.set_tag(rid, "checkpoint_sha256", sha)
+                self._log_artifact_as(rid, path, "checkpoint", "teacher.pt")
+                self.tracker.log_metrics(rid, result.metrics)
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
     def tokens(self, m: Manifest, teacher_state: dict[str, torch.Tensor], parent_id: str) -> StageOutcome:
         h = with_amp(tokens_hash(m), self.runtime)
-        tags = self._common_tags(m, "tokens", "maskd", 0, h)
-        reused = self._reused("tokens", h, f"{m.task}/tokens", parent_id, checkpoint="tokens")
+        fp = stage_fingerprint(m, "tokens")
+        key = stage_key(h, fp)
+        tags = self._common_tags(m, "tokens", "maskd", 0, h, fp)
+        name = f"{m.task}/tokens"
+
+        def validate(state: dict[str, torch.Tensor]) -> None:
+            stages.build_mask_learner(m).load_state_dict(state, strict=True)
+
+        args = ("tokens", h, fp, name, parent_id, "tokens", validate)
+        reused = self._reused(*args)
         if reused is not None:
             return reused
-        with self.tracker.run(self.prefix + f"{m.task}/tokens", tags, m.flat(), parent_id) as active:
-            rid = active.info.run_id
-            self._log_manifest(rid, m)
-            with stages.use_runtime(self.runtime):
-                result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
-                path = self._save_checkpoint(result.state_dict, h, "tokens")
-                self._log_artifact_as(rid, path, "checkpoint", "tokens.pt")
-                self.tracker.log_metrics(rid, result.metrics)
-                teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
-                learner = stages.build_mask_learner(m)
-                learner.load_state_dict(result.state_dict)
-                _, val_set, _ = stages.datasets(m)
-                self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
+        with self._claim("tokens", key, name):
+            reused = self._reused(*args)
+            if reused is not None:
+                return reused
+            self.tracker.fail_abandoned(h, "tokens", fp)
+            with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id) as active:
+                rid = active.info.run_id
+                self._log_manifest(rid, m)
+                with stages.use_runtime(self.runtime):
+                    result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
+                    path, sha = self._save_checkpoint(result.state_dict, key, "tokens")
+                    self.tracker.client.set_tag(rid, "checkpoint_sha256", sha)
+                    self._log_artifact_as(rid, path, "checkpoint", "tokens.pt")
+                    self.tracker.log_metrics(rid, result.metrics)
+                    teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
+                    learner = stages.build_mask_learner(m)
+                    learner.load_state_dict(result.state_dict)
+                    _, val_set, _ = get_task(m.task).datasets(m)
+                    self._log_masks(rid, stages.example_masks(m, teacher, learner, val_set), m)
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
     def student(self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str) -> StageOutcome:
         h = with_amp(student_hash(m, method, seed), self.runtime)
-        tags = self._common_tags(m, "student", method, seed, h)
-        reused = self._reused("student", h, f"{m.task}/{method}/s{seed}", parent_id)
+        fp = stage_fingerprint(m, "student", method)
+        key = stage_key(h, fp)
+        tags = self._common_tags(m, "student", method, seed, h, fp)
+        name = f"{m.task}/{method}/s{seed}"
+        reused = self._reused("student", h, fp, name, parent_id)
         if reused is not None:
             return reused
-        with self.tracker.run(self.prefix + f"{m.task}/{method}/s{seed}", tags, m.flat(), parent_id) as active:
-            rid = active.info.run_id
-            self._log_manifest(rid, m)
-            with stages.use_runtime(self.runtime):
-                result = stages.train_student(
-                    m, method, seed, teacher_state, token_state, self._logger(rid), self.progress
-                )
-            self.tracker.log_metrics(rid, result.metrics)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = Path(tmp) / "student.pt"
-                torch.save(result.state_dict, path)
-                self.tracker.client.log_artifact(rid, str(path), "checkpoint")
-            if "masks" in result.extra:
-                self._log_masks(rid, result.extra["masks"], m)
+        with self._claim("student", key, name):
+            reused = self._reused("student", h, fp, name, parent_id)
+            if reused is not None:
+                return reused
+            self.tracker.fail_abandoned(h, "student", fp)
+            with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id) as active:
+                rid = active.info.run_id
+                self._log_manifest(rid, m)
+                with stages.use_runtime(self.runtime):
+                    result = stages.train_student(
+                        m, method, seed, teacher_state, token_state, self._logger(rid), self.progress
+                    )
+                self.tracker.log_metrics(rid, result.metrics)
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = Path(tmp) / "student.pt"
+                    sha = ckpt.save_atomic(result.state_dict, path)
+                    self.tracker.client.set_tag(rid, "checkpoint_sha256", sha)
+                    self.tracker.client.log_artifact(rid, str(path), "checkpoint")
+                if "masks" in result.extra:
+                    self._log_masks(rid, result.extra["masks"], m)
         return StageOutcome(rid, result.metrics, None, False)
 
     def _log_artifact_as(self, run_id: str, path: Path, artifact_dir: str, name: str) -> None:
@@ -257,7 +414,7 @@ class Pipeline:
         images, masks = images_and_masks
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "masks.png"
-            mask_grid_png(images, masks, m.features_for("maskd"), path, title=f"{m.name}: receptive-token masks")
+            mask_grid_png(images, masks, token_features(m), path, title=f"{m.name}: receptive-token masks")
             self.tracker.client.log_artifact(run_id, str(path), "figures")
 
     # ---------------------------------------------------------------------------------------- manifests
@@ -281,7 +438,7 @@ class Pipeline:
         teacher = self.teacher(m, parent_id)
         tick(f"{m.task}/teacher")
         token_state = None
-        if "maskd" in methods and m.maskd.masks == "learned":
+        if needs_tokens(m, methods):
             token_state = self.tokens(m, teacher.state_dict, parent_id).state_dict
             tick(f"{m.task}/tokens")
         outcomes = {"teacher": teacher}
@@ -297,13 +454,20 @@ class Pipeline:
 def count_stages(m: Manifest, methods: list[str] | None = None, seeds: list[int] | None = None) -> int:
     methods = methods or m.methods
     seeds = seeds if seeds is not None else m.protocol.seeds
-    return 1 + ("maskd" in methods and m.maskd.masks == "learned") + len(methods) * len(seeds)
+    return 1 + needs_tokens(m, methods) + len(methods) * len(seeds)
+
+
+def needs_tokens(m: Manifest, methods_run: list[str]) -> bool:
+    """Whether any of ``methods_run`` needs stage-1 receptive tokens in ``m``."""
+    return any(x != "baseline" and methods.get(x).uses_tokens(m) for x in methods_run)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
+    ckpt.write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:

@@ -86,7 +86,6 @@ def synchronize() -> None:
         torch.cuda.synchronize(device())
 
 
-
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)

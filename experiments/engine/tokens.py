@@ -20,7 +20,16 @@ from maskd import MaskLearning
 from ..tasks import get_task
 from .recorder import FeatureRecorder
 from .runtime import cpu_state, current_runtime, device, seed_everything, to_device
-from .training import MetricLogger, StageResult, build_optimizer, check_finite, freeze, infinite_batches, load_model, lr_factor
+from .training import (
+    MetricLogger,
+    StageResult,
+    build_optimizer,
+    check_finite,
+    freeze,
+    infinite_batches,
+    load_model,
+    lr_factor,
+)
 
 TOKEN_METHOD = "maskd"  # the method whose features the tokens look at
 

@@ -1,6 +1,8 @@
-"""MLflow tracking: a real store (``sqlite:///mlflow.db`` at the repository root by default, or any tracking URI,
-including an ``mlflow server`` over HTTP), runs that end FINISHED or FAILED and never stay RUNNING, and reuse of
-finished runs by config hash.
+"""MLflow tracking: a real store (MLflow's convention by default: ``$MLFLOW_TRACKING_URI``, else
+``sqlite:///mlflow.db`` in the current directory; or any tracking URI, including an ``mlflow server`` over HTTP),
+runs that end FINISHED or FAILED and never stay RUNNING, and reuse of finished runs by config hash and code
+fingerprint. Creating or migrating a sqlite store is serialised by a lock file beside it (``<db>.lock``), so
+several processes may start on one new store at once.
 
 Tags written on every run: ``kind`` (table, teacher, tokens, student), ``task``, ``method``, ``seed``,
 ``config_hash``, ``git_commit``, ``host``, ``pid`` and the versions of torch, torchvision and mlflow.
@@ -8,8 +10,10 @@ Tags written on every run: ``kind`` (table, teacher, tokens, student), ``task``,
 
 from __future__ import annotations
 
+import atexit
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -22,6 +26,7 @@ import mlflow
 from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
+from .locks import store_setup_lock
 from .paths import repo_root
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -30,26 +35,43 @@ EXPERIMENT = "maskd-embedded"
 
 
 def default_tracking_uri() -> str:
-    root = repo_root() or Path.cwd()
-    return f"sqlite:///{root / 'mlflow.db'}"
+    """MLflow's own default: ``$MLFLOW_TRACKING_URI`` if set, else ``sqlite:///mlflow.db`` in the current directory."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+_GIT_COMMIT: str | None = None
 
 
 def git_commit() -> str:
+    """HEAD of the checkout (``-dirty`` when tracked files differ), read without taking git's index lock
+    (``GIT_OPTIONAL_LOCKS=0``: ``git status`` would otherwise refresh the index under ``index.lock`` and make a
+    concurrent ``git add``/``commit`` in the same checkout fail)."""
+    global _GIT_COMMIT
+    if _GIT_COMMIT is not None:
+        return _GIT_COMMIT
     root = repo_root()
     if root is None:
         return "unknown"
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
     try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, env=env
+        )
         commit = out.stdout.strip() or "unknown"
         dirty = subprocess.run(
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,
             timeout=10,
+            env=env,
         ).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
+        _GIT_COMMIT = commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        _GIT_COMMIT = "unknown"
+    return _GIT_COMMIT
 
 
 def environment_tags() -> dict[str, str]:
@@ -78,27 +100,51 @@ class Tracker:
 
     def __init__(self, tracking_uri: str | None = None, experiment: str = EXPERIMENT) -> None:
         self.uri = tracking_uri or default_tracking_uri()
-        mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-        mlflow.set_experiment(experiment_id=self.experiment_id)
+        with store_setup_lock(self.uri):  # a new sqlite store: one process creates the tables, the others wait
+            mlflow.set_tracking_uri(self.uri)
+            self.client = MlflowClient(self.uri)
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                try:
+                    self.experiment_id = self.client.create_experiment(experiment)
+                except mlflow.exceptions.MlflowException:  # created meanwhile by another client (http store)
+                    exp = self.client.get_experiment_by_name(experiment)
+                    if exp is None:
+                        raise
+            if exp is not None:
+                self.experiment_id = exp.experiment_id
+            mlflow.set_experiment(experiment_id=self.experiment_id)
         self._env = environment_tags()
 
     # ---------------------------------------------------------------------------------------- queries
-    def find_finished(self, config_hash: str, kind: str) -> Run | None:
-        """The newest FINISHED run of ``kind`` with ``config_hash`` that is not itself a reuse record."""
+    def find_finished(self, config_hash: str, kind: str, fingerprint: str | None = None) -> Run | None:
+        """The newest FINISHED run of ``kind`` with ``config_hash`` (and, if given, code ``fingerprint``: tag
+        ``code_fingerprint``) that is not itself a reuse record."""
+        where = f"tags.config_hash = '{config_hash}' and tags.kind = '{kind}' and attributes.status = 'FINISHED'"
+        if fingerprint is not None:
+            where += f" and tags.code_fingerprint = '{fingerprint}'"
         runs = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.config_hash = '{config_hash}' and tags.kind = '{kind}' "
-            f"and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"],
-            max_results=20,
+            [self.experiment_id], filter_string=where, order_by=["attributes.start_time DESC"], max_results=50
         )
         for run in runs:
             if "reused_from" not in run.data.tags:
                 return run
         return None
+
+    def fail_abandoned(self, config_hash: str, kind: str, fingerprint: str | None = None) -> list[str]:
+        """Mark this host's RUNNING runs of ``kind``/``config_hash`` FAILED. Called by the holder of that hash's
+        claim: a live owner would hold the claim, so such a run was left by a killed process. Returns their ids."""
+        where = f"tags.config_hash = '{config_hash}' and tags.kind = '{kind}' and attributes.status = 'RUNNING'"
+        if fingerprint is not None:
+            where += f" and tags.code_fingerprint = '{fingerprint}'"
+        host, failed = socket.gethostname(), []
+        for run in self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000):
+            if run.data.tags.get("host") != host or run.data.tags.get("pid") == str(os.getpid()):
+                continue
+            self.client.set_tag(run.info.run_id, "failure", "abandoned: its process ended without closing the run")
+            self.client.set_terminated(run.info.run_id, status="FAILED")
+            failed.append(run.info.run_id)
+        return failed
 
     def children(self, parent_run_id: str) -> list[Run]:
         return self.client.search_runs(
@@ -154,6 +200,12 @@ class Tracker:
             with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None) as active:
                 yield active
         except BaseException as exc:
+            if not hasattr(exc, "mlflow_run_id"):  # the innermost run that failed, for the one-line error
+                try:
+                    exc.mlflow_run_id = run_id
+                    exc.mlflow_run_name = name
+                except AttributeError:
+                    pass
             self.client.set_tag(run_id, "failure", f"{type(exc).__name__}: {exc}"[:5000])
             self.client.set_terminated(run_id, status="FAILED")
             raise
@@ -188,12 +240,37 @@ class Tracker:
         return run.info.run_id
 
     def download(self, run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
-        dst = dst or Path(tempfile.mkdtemp(prefix="maskd-artifact-"))
-        return Path(
-            mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.uri
+        """Download an artifact into ``dst``; without ``dst``, into a ``maskd-artifact-*`` temporary folder that
+        is removed when the process exits (prefer :meth:`downloaded`, which removes it after the block)."""
+        if dst is None:
+            dst = Path(tempfile.mkdtemp(prefix="maskd-artifact-"))
+            _TEMP_DIRS.append(dst)
+        try:
+            return Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run_id, artifact_path=artifact_path, dst_path=str(dst), tracking_uri=self.uri
+                )
             )
-        )
+        except BaseException:
+            if dst in _TEMP_DIRS:
+                _TEMP_DIRS.remove(dst)
+                shutil.rmtree(dst, ignore_errors=True)
+            raise
+
+    @contextmanager
+    def downloaded(self, run_id: str, artifact_path: str) -> Iterator[Path]:
+        """An artifact downloaded into a temporary folder that is removed when the block ends."""
+        with tempfile.TemporaryDirectory(prefix="maskd-artifact-") as tmp:
+            yield self.download(run_id, artifact_path, Path(tmp))
+
+
+_TEMP_DIRS: list[Path] = []
+
+
+@atexit.register
+def _remove_temp_dirs() -> None:
+    for path in _TEMP_DIRS:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def run_status(client: MlflowClient, run_id: str) -> str:

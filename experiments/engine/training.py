@@ -153,6 +153,7 @@ def train_loop(
         step_times.append(time.perf_counter() - start)
         if step % cfg.log_every == 0 or step == cfg.iterations - 1:
             values = {k: v.item() for k, v in terms.items()}
+            values.update(method_totals(values))
             values["loss/total"] = total.item()
             values["grad_norm"] = grad_norm
             values["lr"] = optimizer.param_groups[0]["lr"]
@@ -160,6 +161,16 @@ def train_loop(
             bar.set_postfix(loss=f"{values['loss/total']:.3f}")
     steady = step_times[min(5, len(step_times) - 1) :] or step_times
     return {"step_time_s": sum(steady) / len(steady)}
+
+
+def method_totals(values: dict[str, float]) -> dict[str, float]:
+    """``loss/kd_<method>``: the sum of that method's logged terms (``loss/kd_<method>/<term>``), for plots."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if key.startswith("loss/kd_") and key.count("/") >= 2:
+            group = key.split("/", 2)[0] + "/" + key.split("/", 2)[1]
+            out[group] = out.get(group, 0.0) + value
+    return out
 
 
 def load_model(manifest, role: str, state_dict: dict[str, Tensor]) -> nn.Module:

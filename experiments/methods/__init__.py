@@ -2,9 +2,9 @@
 :class:`~experiments.methods.registry.MethodSpec`. See the README section "Adding a method"."""
 
 from .registry import (
+    Distillation,
     DistillBatch,
     DistillContext,
-    Distillation,
     MethodSpec,
     get,
     method_names,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from baselines.cwd import ChannelWiseDivergence
 
 from ..engine.fields import knob
-from .registry import DistillBatch, DistillContext, Distillation, MethodSpec, register
+from .registry import Distillation, DistillBatch, DistillContext, MethodSpec, register
 
 
 @dataclass(frozen=True)

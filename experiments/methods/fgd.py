@@ -16,7 +16,7 @@ from torch import nn
 from baselines.fgd import FGDFeatureLoss
 
 from ..engine.fields import knob
-from .registry import DistillBatch, DistillContext, Distillation, MethodSpec, register
+from .registry import Distillation, DistillBatch, DistillContext, MethodSpec, register
 
 PARTS = (("fg", "alpha_fgd", "fg_loss"), ("bg", "beta_fgd", "bg_loss"), ("mask", "gamma_fgd", "mask_loss"))
 

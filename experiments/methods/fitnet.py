@@ -13,7 +13,7 @@ from torch import nn
 from baselines.fitnet import FitNetMSE
 
 from ..engine.fields import knob
-from .registry import DistillBatch, DistillContext, Distillation, MethodSpec, register
+from .registry import Distillation, DistillBatch, DistillContext, MethodSpec, register
 
 
 @dataclass(frozen=True)

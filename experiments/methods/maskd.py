@@ -18,7 +18,7 @@ from baselines.fgd import fgd_box_masks
 from maskd import MasKDLoss
 
 from ..engine.fields import Problem, knob
-from .registry import DistillBatch, DistillContext, Distillation, MethodSpec, register
+from .registry import Distillation, DistillBatch, DistillContext, MethodSpec, register
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from baselines.mgd import MGDLevels
 
 from ..engine.fields import knob
-from .registry import DistillBatch, DistillContext, Distillation, MethodSpec, register
+from .registry import Distillation, DistillBatch, DistillContext, MethodSpec, register
 
 SEED_STRIDE = 1_000_003  # keeps the mask stream of seed s apart from every other use of s
 
@@ -33,7 +33,9 @@ class MGDDistillation(Distillation):
         super().__init__()
         c = ctx.config
         self.names = ctx.features
-        self.loss = MGDLevels(ctx.student_channels, ctx.teacher_channels, alpha_mgd=c.alpha_mgd, lambda_mgd=c.lambda_mgd)
+        self.loss = MGDLevels(
+            ctx.student_channels, ctx.teacher_channels, alpha_mgd=c.alpha_mgd, lambda_mgd=c.lambda_mgd
+        )
         self.generator = torch.Generator().manual_seed(SEED_STRIDE * ctx.seed + 17)
 
     def forward(self, student, teacher, batch: DistillBatch):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from baselines.pkd import PKDLoss
 
 from ..engine.fields import knob
-from .registry import DistillBatch, DistillContext, Distillation, MethodSpec, register
+from .registry import Distillation, DistillBatch, DistillContext, MethodSpec, register
 
 
 @dataclass(frozen=True)

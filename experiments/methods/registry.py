@@ -114,6 +114,11 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def unregister(name: str) -> None:
+    """Remove a method (tests that add a toy method clean up with this)."""
+    _REGISTRY.pop(name, None)
+
+
 def _load_plugins() -> None:
     global _LOADED
     if _LOADED:

@@ -30,9 +30,9 @@ from tqdm import tqdm
 from ..engine.manifest import Manifest, _merge, load_manifest
 from ..engine.paths import repo_root
 from ..engine.pipeline import Pipeline, count_stages
+from ..engine.tracking import Tracker, parent_tags
 from .report import ALPHA, _fmt, _p, ci95, paired, primary_metric, runs_frame, write_table
 from .reproduce import TableError, environment_line
-from ..engine.tracking import Tracker, parent_tags
 
 #: Student iterations of the default ablation profile (as the main table).
 ABLATION_ITERATIONS = 500

@@ -16,9 +16,9 @@ import torch
 
 from ..engine import stages
 from ..engine.distill import build_distillation, distillation_terms
+from ..engine.manifest import Manifest
 from ..methods import methods
 from ..tasks import get_task
-from ..engine.manifest import Manifest
 
 
 def weight_knobs() -> dict[str, tuple[str, str]]:

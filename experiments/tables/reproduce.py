@@ -14,9 +14,9 @@ from tqdm import tqdm
 from ..engine.manifest import Manifest, load_manifest
 from ..engine.paths import repo_root
 from ..engine.pipeline import Pipeline, count_stages
+from ..engine.tracking import Tracker, parent_tags
 from ..tasks import get_task
 from .report import main_table, markdown, runs_frame, write_table
-from ..engine.tracking import Tracker, parent_tags
 
 PROFILES: dict[str, list[str]] = {
     "default": ["embedded_detection", "embedded_segmentation"],

@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch.utils.data import DataLoader
 
 from ..engine import data as scenes
-from ..engine.models import DetectorConfig, detector_features_with_masked_forward, detector_train_step, forward_features
 from ..engine.evaluation import DETECTION_KEYS, evaluate_detection
+from ..engine.models import DetectorConfig, detector_features_with_masked_forward, detector_train_step, forward_features
 from ..engine.runtime import device
 from .registry import Task, register
 
