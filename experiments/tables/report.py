@@ -258,8 +258,8 @@ def markdown(
         "MasKD's frozen tokens and head); none are kept at inference. 'step time ×': mean training-step time "
         "relative to the baseline student's (teacher forward included for distillation methods).",
         "- 'paper': the number of the corresponding real setting (COCO / Cityscapes, see "
-        "`experiments/tables/paper.py` for sources); its Δ is the paper's gain over its own baseline. The embedded numbers are not comparable in "
-        "absolute terms, only in sign and rough size.",
+        "`experiments/tables/paper.py` for sources); its Δ is the paper's gain over its own baseline. The embedded "
+        "numbers are not comparable in absolute terms, only in sign and rough size.",
         f"- Environment: {environment}."
         + (f" Wall time of this table: {wall_time_s / 60:.1f} min (reused runs cost nothing)." if wall_time_s else ""),
     ]
