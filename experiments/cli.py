@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="screenshot of the MLflow compare page for one ablation (headless Chromium, real mlflow server)",
     )
     shot.add_argument("--ablation", default="tokens", choices=list(ABLATION_CHOICES))
-    shot.add_argument("--tracking-uri", default=None, help="sqlite store (default: mlflow.db at the repository root)")
+    shot.add_argument("--tracking-uri", default=None, help="sqlite store (default: mlflow.db in the current directory)")
     shot.add_argument("--out", type=Path, default=None, help="PNG path (default: reports/embedded/ablations/)")
     shot.set_defaults(func=_screenshot)
 
