@@ -75,3 +75,18 @@ def test_main_table_rows_and_sentences(tmp_path):
     csv_path, md_path = write_table(table, md, tmp_path)
     assert md_path.read_text() == md and pd.read_csv(csv_path).shape[0] == 4
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_holm_adjustment_by_hand():
+    from experiments.tables.report import holm_adjust
+
+    rows = [
+        {"p_vs_baseline": 0.01, "p_vs_best_other": 0.04},
+        {"p_vs_baseline": 0.03, "p_vs_best_other": math.nan},  # no test: not counted
+    ]
+    assert holm_adjust(rows, ("p_vs_baseline", "p_vs_best_other")) == 3
+    # sorted 0.01, 0.03, 0.04 -> 3 x 0.01 = 0.03, max(0.03, 2 x 0.03) = 0.06, max(0.06, 1 x 0.04) = 0.06
+    assert rows[0]["p_vs_baseline_holm"] == pytest.approx(0.03)
+    assert rows[1]["p_vs_baseline_holm"] == pytest.approx(0.06)
+    assert rows[0]["p_vs_best_other_holm"] == pytest.approx(0.06)
+    assert math.isnan(rows[1]["p_vs_best_other_holm"]) and rows[0]["n_comparisons"] == 3

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from mlflow.entities import Run
 from scipy import stats
+from statsmodels.stats.multitest import multipletests
 
 from ..engine.manifest import Manifest
 from ..methods import table_order
@@ -154,7 +155,25 @@ def main_table(frame: pd.DataFrame, paper_keys: dict[str, str] | None = None) ->
             row["paper_gain"] = paper.gain if paper and paper.gain is not None else math.nan
             row["paper_source"] = paper.source if paper else ""
             out.append(row)
+        holm_adjust([r for r in out if r["task"] == task], ("p_vs_baseline", "p_vs_best_other"))
     return pd.DataFrame(out)
+
+
+def holm_adjust(rows: list[dict], columns: Sequence[str]) -> int:
+    """Holm's step-down correction across every p-value in ``columns`` of ``rows`` (one table's comparisons),
+    written to ``<column>_holm``; returns the number of comparisons. NaN p-values (no test) are not counted."""
+    cells = [(r, c) for r in rows for c in columns if c in r and not math.isnan(r[c])]
+    for r in rows:
+        for c in columns:
+            if c in r:
+                r[f"{c}_holm"] = math.nan
+    if cells:
+        adjusted = multipletests([r[c] for r, c in cells], alpha=ALPHA, method="holm")[1]
+        for (r, c), p in zip(cells, adjusted):
+            r[f"{c}_holm"] = float(p)
+    for r in rows:
+        r["n_comparisons"] = len(cells)
+    return len(cells)
 
 
 def _fmt(value, digits: int = 2, signed: bool = False) -> str:
@@ -205,6 +224,7 @@ def markdown(
             "95% CI",
             "Δ vs baseline",
             "p (paired)",
+            "p (Holm)",
             "gap closed",
             "best other: Δ, p",
         ]
@@ -226,6 +246,7 @@ def markdown(
                 f"±{_fmt(r.ci95)}",
                 _fmt(r.get("delta_vs_baseline"), signed=True) if r.method != "teacher" else "–",
                 _p(r.get("p_vs_baseline")),
+                _p(r.get("p_vs_baseline_holm")),
                 f"{_fmt(r.get('gap_closed_pct'), 0)}%" if r.method not in ("teacher", "baseline") else "–",
                 best,
             ]
@@ -253,7 +274,10 @@ def markdown(
     lines += [
         "- Statistics: mean ± sample std over seeds; 95% CI = Student t half-width of the mean; Δ and p: paired "
         "t-test on matched seeds (two-sided), against the baseline student and against the best other "
-        "distillation method (by mean). 'gap closed' = Δ vs baseline / (teacher − baseline).",
+        "distillation method (by mean). 'p (Holm)': the p-value against the baseline after Holm's correction "
+        "across all comparisons of the task's table (both columns of every method); verdicts use it. "
+        "'gap closed' = Δ vs baseline / (teacher − baseline).",
+        "- The teacher and the receptive tokens are one run each (seed 0): their variance is not in the intervals.",
         "- 'added params': parameter elements the method adds during training (align convs, FGD's GcBlocks, "
         "MasKD's frozen tokens and head); none are kept at inference. 'step time ×': mean training-step time "
         "relative to the baseline student's (teacher forward included for distillation methods).",
@@ -280,7 +304,7 @@ def findings(sub: pd.DataFrame, task: str) -> list[str]:
     for _, r in sub.iterrows():
         if r.method in ("teacher", "baseline"):
             continue
-        p = r.get("p_vs_baseline")
+        p = r.get("p_vs_baseline_holm", r.get("p_vs_baseline"))
         if p is None or (isinstance(p, float) and math.isnan(p)):
             out.append(
                 f"- {r.method}: {r.get('delta_vs_baseline'):+.2f} vs baseline; no paired test "
@@ -298,8 +322,9 @@ def findings(sub: pd.DataFrame, task: str) -> list[str]:
                 else "a gain that does NOT reproduce here at this significance level."
             )
         out.append(
-            f"- {r.method}: {r['delta_vs_baseline']:+.2f} vs baseline (paired p = {_p(p)}, {verdict} at "
-            f"α = {ALPHA}){claim}"
+            f"- {r.method}: {r['delta_vs_baseline']:+.2f} vs baseline (paired p = {_p(r.get('p_vs_baseline'))}, "
+            f"Holm-adjusted over {int(r.get('n_comparisons', 1))} comparisons {_p(p)}: {verdict} at α = {ALPHA})"
+            f"{claim}"
         )
     return out
 
