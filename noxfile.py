@@ -57,6 +57,14 @@ def reproduce_table(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def tables(session: nox.Session) -> None:
+    """Rewrite every committed table that has a shipped export (``runs.jsonl``) from the export alone: no training,
+    no MLflow store. ``-- --check`` writes nothing and fails if a committed table differs."""
+    session.install("-e", ".")
+    session.run("maskd-bench", "tables", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
 def ablations(session: nox.Session) -> None:
     """MasKD ablations: reports/embedded/ablations/<knob>.{md,csv,png}. ``-- --only tokens`` runs one ablation,
     ``-- --profile smoke`` all of them in a few minutes (meaningless numbers)."""
@@ -90,3 +98,11 @@ def mlflow_screenshot(session: nox.Session) -> None:
     in headless Chromium (Debian: ``apt-get install -y chromium``) against a real mlflow server on 127.0.0.1."""
     session.install("-e", ".")
     session.run("maskd-bench", "screenshot-compare", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def bench_executors(session: nox.Session) -> None:
+    """The smoke table with ``--executor local`` and ``--executor ray`` (2 workers x 1 thread), end to end:
+    reports/bench_executors.{md,csv}. ``-- --case segmentation-1`` adds a reduced default table."""
+    session.install("-e", ".")
+    session.run("python", "-m", "experiments.checks.bench_executors", "--out", "reports", *session.posargs, env=ENV)

@@ -9,6 +9,8 @@ maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher,
 maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
 maskd-bench manifests                                     the shipped manifests
 maskd-bench methods                                       the registered distillation methods
+maskd-bench tables [--check]                              rewrite committed tables from their shipped exports
+maskd-bench import-runs reports/embedded/runs.jsonl       the runs behind a committed table, into an MLflow store
 """
 
 from __future__ import annotations
@@ -84,14 +86,16 @@ def _bench_losses(args: argparse.Namespace) -> int:
 def _reproduce(args: argparse.Namespace) -> int:
     from experiments.tables.reproduce import reproduce
 
-    csv_path, md_path, parent = reproduce(
-        args.profile,
-        args.tracking_uri,
-        args.out,
-        progress=not args.no_progress,
-        reuse=not args.no_reuse,
-        runtime=_runtime(args),
-    )
+    with _executor(args) as executor:
+        csv_path, md_path, parent = reproduce(
+            args.profile,
+            args.tracking_uri,
+            args.out,
+            progress=not args.no_progress,
+            reuse=not args.no_reuse,
+            runtime=_driver_runtime(args),
+            executor=executor,
+        )
     print(md_path.read_text())
     print(f"wrote {md_path} and {csv_path} (MLflow parent run {parent})")
     return 0
@@ -103,19 +107,36 @@ def _runtime(args: argparse.Namespace):
     return Runtime(args.device, args.amp)
 
 
+def _executor(args: argparse.Namespace):
+    """``--executor``: the stage graph in this process, or as Ray tasks on ``--ray-address``."""
+    from experiments.engine.executors import make_executor
+
+    return make_executor(
+        args.executor, args.ray_address, args.stage_cpus, args.stage_gpus, args.ray_cpus, args.device, args.amp
+    )
+
+
+def _driver_runtime(args: argparse.Namespace):
+    """The runtime of stages run by this process: with ``--executor ray`` none are (the workers check
+    ``--device``, so a driver without a GPU can drive GPU workers)."""
+    return None if args.executor == "ray" else _runtime(args)
+
+
 def _ablations(args: argparse.Namespace) -> int:
     from experiments.tables.ablations import run_ablations
 
     start = time.perf_counter()
-    done = run_ablations(
-        args.only,
-        args.profile,
-        args.tracking_uri,
-        args.out,
-        progress=not args.no_progress,
-        reuse=not args.no_reuse,
-        runtime=_runtime(args),
-    )
+    with _executor(args) as executor:
+        done = run_ablations(
+            args.only,
+            args.profile,
+            args.tracking_uri,
+            args.out,
+            progress=not args.no_progress,
+            reuse=not args.no_reuse,
+            runtime=_driver_runtime(args),
+            executor=executor,
+        )
     for knob, csv_path, md_path, png, wall in done:
         print(f"{knob:20s} {wall / 60:6.1f} min  {md_path}  {csv_path.name}  {png.name}")
     print(f"ablations[{args.profile}]: {len(done)} done in {(time.perf_counter() - start) / 60:.1f} min")
@@ -133,22 +154,26 @@ def _screenshot(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from experiments.engine.executors import StageGraph
     from experiments.engine.manifest import load_manifest
-    from experiments.engine.pipeline import Pipeline, count_stages
+    from experiments.engine.pipeline import Pipeline
     from experiments.engine.tracking import Tracker, parent_tags
     from experiments.tasks import get_task
 
     manifest = load_manifest(args.manifest, sets=args.set)
     methods = _checked_methods(args)
-    runtime = _runtime(args)
+    runtime = _driver_runtime(args)
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse, runtime=runtime)
     tags = parent_tags("manifest", manifest.task)
-    with tracker.run(f"manifest/{manifest.name}", tags, manifest.flat()) as parent:
-        total = count_stages(manifest, methods, args.seeds)
-        with tqdm(total=total, desc=manifest.name, unit="run", disable=args.no_progress) as overall:
-            outcomes = pipeline.run_manifest(manifest, parent.info.run_id, methods, args.seeds, overall)
+    graph = StageGraph()
+    graph.add_manifest(manifest, methods, args.seeds)
+    with _executor(args) as executor, tracker.run(f"manifest/{manifest.name}", tags, manifest.flat()) as parent:
+        with tqdm(total=len(graph), desc=manifest.name, unit="run", disable=args.no_progress) as overall:
+            results = executor.run(graph, pipeline, parent.info.run_id, overall)
+    outcomes = {graph.nodes[key].outcome_name: result for key, result in results.items()}
+    outcomes.pop("tokens", None)  # as before: the teacher and the students
     metric = get_task(manifest.task).primary_metric
     for name, outcome in outcomes.items():
         print(
@@ -190,6 +215,25 @@ def _show(args: argparse.Namespace) -> int:
     from experiments.engine.manifest import load_manifest
 
     print(json.dumps(load_manifest(args.manifest, sets=args.set).to_dict(), indent=2))
+    return 0
+
+
+def _tables(args: argparse.Namespace) -> int:
+    from experiments.tables.reproduce import rebuild_tables
+
+    written, differing = rebuild_tables(args.reports, check=args.check)
+    for path in written:
+        print(f"{'checked' if args.check else 'wrote'} {path}")
+    for path in differing:
+        print(f"error: {path} differs from what its export gives (rerun the table, or nox -s tables)", file=sys.stderr)
+    return 1 if differing else 0
+
+
+def _import_runs(args: argparse.Namespace) -> int:
+    from experiments.tables.export import import_runs
+
+    parent, count = import_runs(args.export, args.tracking_uri)
+    print(f"imported {count} runs from {args.export} under parent run {parent}")
     return 0
 
 
@@ -256,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
             "they are listed with their git commits",
         )
         p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        p.add_argument(
+            "--executor",
+            choices=["local", "ray"],
+            default="local",
+            help="local (default): every stage in this process, one after another; ray: each stage a Ray task, "
+            "started when its inputs exist (README: Beyond one machine)",
+        )
+        p.add_argument(
+            "--ray-address",
+            default="local",
+            help="with --executor ray: local (default) starts a cluster in this process; auto joins the one "
+            "`ray start` made on this host; HOST:PORT joins that head node",
+        )
+        p.add_argument(
+            "--stage-cpus", type=int, default=1, help="with --executor ray: CPUs per stage, also its torch threads"
+        )
+        p.add_argument(
+            "--stage-gpus",
+            type=float,
+            default=0,
+            help="with --executor ray: GPUs per stage (default 1 with --device cuda)",
+        )
+        p.add_argument(
+            "--ray-cpus",
+            type=int,
+            default=None,
+            help="with --ray-address local: CPUs of the in-process cluster (default: every core)",
+        )
         p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         p.add_argument(
             "--amp",
@@ -347,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     mth = sub.add_parser("methods", help="list the registered distillation methods (plug-ins)")
     mth.set_defaults(func=_methods)
+
+    tab = sub.add_parser(
+        "tables",
+        help="rewrite every committed table from its shipped export (runs.jsonl), no training, no MLflow store",
+    )
+    tab.add_argument("--reports", type=Path, default=Path("reports"), help="the reports folder (default: ./reports)")
+    tab.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed table differs")
+    tab.set_defaults(func=_tables)
+
+    imp = sub.add_parser("import-runs", help="load a table's shipped export into an MLflow store (for mlflow ui)")
+    imp.add_argument("export", type=Path, help="a runs.jsonl written with a table, e.g. reports/embedded/runs.jsonl")
+    imp.add_argument("--tracking-uri", default=None, help="target store (default: sqlite:///mlflow.db here)")
+    imp.set_defaults(func=_import_runs)
     return parser
 
 

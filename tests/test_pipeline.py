@@ -49,6 +49,22 @@ def test_smoke_table_end_to_end_and_reuse(tmp_path, cache):
     assert len(step_metrics) >= 2
     assert tracker.client.get_run(parent).info.status == "FINISHED"
 
+    # the shipped record rebuilds the table byte for byte, without the store; a hand edit is caught
+    from experiments.tables.export import import_runs
+    from experiments.tables.reproduce import rebuild_tables
+
+    assert rebuild_tables(tmp_path / "out", check=True)[1] == []
+    md_path.write_text(md_path.read_text().replace("maskd", "MASKD"))
+    assert rebuild_tables(tmp_path / "out", check=True)[1] == [md_path]
+    rebuild_tables(tmp_path / "out")
+    assert rebuild_tables(tmp_path / "out", check=True)[1] == []
+    imported_parent, count = import_runs(tmp_path / "out" / "runs.jsonl", f"sqlite:///{tmp_path / 'imported.db'}")
+    assert count == len(children)
+    imported = Tracker(f"sqlite:///{tmp_path / 'imported.db'}").children(imported_parent)
+    assert sorted(r.data.metrics.get("mAP", r.data.metrics.get("mIoU", -1)) for r in imported) == sorted(
+        r.data.metrics.get("mAP", r.data.metrics.get("mIoU", -1)) for r in children
+    )
+
     _, _, parent2 = reproduce("smoke", uri, tmp_path / "out2", progress=False)
     reused = tracker.children(parent2)
     assert len(reused) == len(children)

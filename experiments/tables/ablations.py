@@ -27,8 +27,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..engine.executors import Executor, LocalExecutor, StageGraph
 from ..engine.manifest import Manifest, _merge, load_manifest
-from ..engine.paths import repo_root
 from ..engine.pipeline import Pipeline, count_stages
 from ..engine.tracking import Tracker, parent_tags
 from .report import ALPHA, _fmt, _p, ci95, paired, primary_metric, runs_frame, write_table
@@ -199,44 +199,40 @@ def count_ablation_stages(a: Ablation) -> int:
     return n
 
 
+def ablation_graph(a: Ablation) -> StageGraph:
+    """The stages of ``a`` in the order they run locally: teacher, baseline students, then per variant its tokens
+    (if learned) and MasKD students; each labelled with the ablation and variant."""
+    ref = a.reference()
+    graph = StageGraph()
+    teacher = graph.teacher(ref, "", ablation=a.knob, variant="teacher")
+    for seed in ref.protocol.seeds:
+        graph.student(ref, "baseline", seed, None, None, "baseline/", ablation=a.knob, variant="baseline")
+    for variant, m in a.manifests():
+        labels = {"ablation": a.knob, "variant": variant.label}
+        tokens = graph.tokens(m, teacher, f"{variant.label}/", **labels) if m.maskd.masks == "learned" else None
+        for seed in m.protocol.seeds:
+            graph.student(m, "maskd", seed, teacher, tokens, f"{variant.label}/", **labels)
+    return graph
+
+
 def run_ablation(
     a: Ablation,
     tracker: Tracker,
     pipeline: Pipeline,
     profile: str,
     overall: tqdm | None = None,
+    executor: Executor | None = None,
 ) -> tuple[str, float]:
-    """Run (or reuse) every stage of ``a`` under one parent run; returns (parent run id, wall seconds)."""
+    """Run (or reuse) every stage of ``a`` under one parent run with ``executor`` (default: in this process);
+    returns (parent run id, wall seconds)."""
     variants = a.manifests()
     ref = a.reference()
     start = time.perf_counter()
-
-    def tick(label: str) -> None:
-        if overall is not None:
-            overall.set_postfix_str(f"{a.knob}: {label}")
-            overall.update(1)
-
     tags = parent_tags("ablation", ref.task, ablation=a.knob, profile=profile)
     params = {"manifest": ref.name, "knob": a.knob, **{f"variant.{i}": v.label for i, (v, _) in enumerate(variants)}}
     with tracker.run(f"ablation/{a.knob}" + ("" if profile == "default" else f"/{profile}"), tags, params) as p:
         parent_id = p.info.run_id
-        pipeline.labelled("", ablation=a.knob, variant="teacher")
-        teacher = pipeline.teacher(ref, parent_id)
-        tick("teacher")
-        pipeline.labelled("baseline/", ablation=a.knob, variant="baseline")
-        for seed in ref.protocol.seeds:
-            pipeline.student(ref, "baseline", seed, None, None, parent_id)
-            tick(f"baseline/s{seed}")
-        for variant, m in variants:
-            pipeline.labelled(f"{variant.label}/", ablation=a.knob, variant=variant.label)
-            token_state = None
-            if m.maskd.masks == "learned":
-                token_state = pipeline.tokens(m, teacher.state_dict, parent_id).state_dict
-                tick(f"{variant.label}/tokens")
-            for seed in m.protocol.seeds:
-                pipeline.student(m, "maskd", seed, teacher.state_dict, token_state, parent_id)
-                tick(f"{variant.label}/s{seed}")
-        pipeline.labelled()
+        (executor or LocalExecutor()).run(ablation_graph(a), pipeline, parent_id, overall)
         wall = time.perf_counter() - start
         tracker.log_metrics(parent_id, {"wall_time_s": wall})
     return parent_id, wall
@@ -433,8 +429,8 @@ def ablation_plot(table: pd.DataFrame, a: Ablation, path: Path) -> Path:
 
 
 def default_out_dir(profile: str) -> Path:
-    root = repo_root() or Path.cwd()
-    base = root / "reports" / "embedded" / "ablations"
+    # relative to where the command runs (nox runs from the repository root), never into an installed package's tree
+    base = Path.cwd() / "reports" / "embedded" / "ablations"
     return base if profile == "default" else base / profile
 
 
@@ -447,6 +443,7 @@ def run_ablations(
     reuse: bool = True,
     report: Callable[[str], None] = print,
     runtime=None,
+    executor: Executor | None = None,
 ) -> list[tuple[str, Path, Path, Path, float]]:
     """Run the named ablations (all by default) and write each one's table and plot as soon as it is done."""
     table = build_ablations(profile)
@@ -465,8 +462,8 @@ def run_ablations(
     total = sum(count_ablation_stages(a) for a in chosen)
     with tqdm(total=total, desc=f"ablations[{profile}]", unit="run", disable=not progress) as overall:
         for a in chosen:
-            parent_id, wall = run_ablation(a, tracker, pipeline, profile, overall)
-            children = tracker.children(parent_id)
+            parent_id, wall = run_ablation(a, tracker, pipeline, profile, overall, executor)
+            children = [r for r in tracker.children(parent_id) if r.info.status == "FINISHED"]
             frame = ablation_frame(children)
             tab = ablation_table(frame, a)
             md = ablation_markdown(

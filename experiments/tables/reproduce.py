@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from ..engine.executors import Executor, LocalExecutor, StageGraph
 from ..engine.manifest import Manifest, load_manifest
-from ..engine.paths import repo_root
-from ..engine.pipeline import Pipeline, count_stages
+from ..engine.pipeline import Pipeline
 from ..engine.tracking import Tracker, parent_tags
 from ..tasks import get_task
+from .export import EXPORT_NAME, TableRecord, read_export, write_export
 from .report import main_table, markdown, runs_frame, write_table
 
 PROFILES: dict[str, list[str]] = {
@@ -25,8 +27,8 @@ PROFILES: dict[str, list[str]] = {
 
 
 def default_out_dir(profile: str) -> Path:
-    root = repo_root() or Path.cwd()
-    base = root / "reports" / "embedded"
+    # relative to where the command runs (nox runs from the repository root), never into an installed package's tree
+    base = Path.cwd() / "reports" / "embedded"
     return base if profile == "default" else base / profile
 
 
@@ -43,11 +45,13 @@ class TableError(RuntimeError):
 
 
 def check_runs(frame, manifests: list[Manifest]) -> None:
+    """Every run the table needs is FINISHED, once, with a finite metric (a FAILED attempt beside its retried
+    FINISHED run is not counted)."""
     for m in manifests:
         metric = get_task(m.task).primary_metric
         sub = frame[frame.task == m.task] if not frame.empty else frame
         for method in ["teacher", *m.methods]:
-            rows = sub[sub.method == method] if not sub.empty else sub
+            rows = sub[(sub.method == method) & (sub.status == "FINISHED")] if not sub.empty else sub
             expected = 1 if method == "teacher" else len(m.protocol.seeds)
             if len(rows) != expected:
                 raise TableError(f"{m.task}/{method}: {len(rows)} runs in MLflow, expected {expected}")
@@ -74,6 +78,35 @@ def export_mask_figures(tracker: Tracker, parent_id: str, out_dir: Path) -> list
     return written
 
 
+def write_main_table(out_dir: Path, check: bool = False) -> tuple[Path, Path] | list[Path]:
+    """``main_table.md`` and ``.csv`` in ``out_dir`` from ``out_dir/runs.jsonl`` alone (no store, no training).
+    With ``check``, nothing is written: the paths of the committed files that differ are returned."""
+    record, runs = read_export(out_dir / EXPORT_NAME)
+    manifests = [load_manifest(name) for name in record.manifests]
+    frame = runs_frame(runs)
+    check_runs(frame, manifests)
+    table = main_table(frame, {m.task: m.teacher.arch for m in manifests})
+    md = markdown(table, manifests, record.environment, record.wall_time_s, record.profile, record.parent_run_id)
+    if not check:
+        return write_table(table, md, out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = write_table(table, md, Path(tmp))
+        return [out_dir / f.name for f in fresh if (out_dir / f.name).read_bytes() != f.read_bytes()]
+
+
+def rebuild_tables(reports: Path, check: bool = False) -> tuple[list[Path], list[Path]]:
+    """Every table under ``reports`` that has a shipped export beside it, rebuilt from the export (``nox -s
+    tables``); with ``check``, only compared. Returns (tables handled, tables that differ)."""
+    handled, differing = [], []
+    for export in sorted(reports.rglob(EXPORT_NAME)):
+        out_dir = export.parent
+        result = write_main_table(out_dir, check=check)
+        handled += [out_dir / "main_table.csv", out_dir / "main_table.md"]
+        if check:
+            differing += result
+    return handled, differing
+
+
 def reproduce(
     profile: str = "default",
     tracking_uri: str | None = None,
@@ -81,7 +114,10 @@ def reproduce(
     progress: bool = True,
     reuse: bool = True,
     runtime=None,
+    executor: Executor | None = None,
 ) -> tuple[Path, Path, str]:
+    """Run or reuse every stage of ``profile`` with ``executor`` (default: in this process), then write the table
+    from MLflow; nothing is written unless every run it needs is FINISHED."""
     if profile not in PROFILES:
         raise ValueError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
     manifests = [load_manifest(name) for name in PROFILES[profile]]  # every manifest checked before any work
@@ -94,22 +130,25 @@ def reproduce(
     params = {f"manifest.{m.task}": m.name for m in manifests}
     with tracker.run(f"table/{profile}", tags, params) as parent:
         parent_id = parent.info.run_id
-        total = sum(count_stages(m) for m in manifests)
+        graph = StageGraph()
+        for m in manifests:
+            graph.add_manifest(m)
         with tqdm(
-            total=total,
+            total=len(graph),
             desc=f"reproduce_table[{profile}]",
             unit="run",
             disable=not progress,
             dynamic_ncols=True,
         ) as overall:
-            for m in manifests:
-                pipeline.run_manifest(m, parent_id, overall=overall)
+            (executor or LocalExecutor()).run(graph, pipeline, parent_id, overall)
         wall = time.perf_counter() - start
-        frame = runs_frame(tracker.children(parent_id))
-        check_runs(frame, manifests)
-        table = main_table(frame, {m.task: m.teacher.arch for m in manifests})
-        md = markdown(table, manifests, environment_line(), wall, profile, parent_id)
-        csv_path, md_path = write_table(table, md, out_dir)
+        children = tracker.children(parent_id)
+        check_runs(runs_frame(children), manifests)
+        # The table is computed from its shipped record, so that `maskd-bench tables` rebuilds it byte for byte.
+        record = TableRecord(profile, [m.name for m in manifests], environment_line(), wall, parent_id)
+        write_export(out_dir / EXPORT_NAME, record, [r for r in children if r.info.status == "FINISHED"])
+        csv_path, md_path = write_main_table(out_dir)
+        tracker.client.log_artifact(parent_id, str(out_dir / EXPORT_NAME), "table")
         tracker.log_metrics(parent_id, {"wall_time_s": wall})
         tracker.client.log_artifact(parent_id, str(csv_path), "table")
         tracker.client.log_artifact(parent_id, str(md_path), "table")
