@@ -145,7 +145,7 @@ def reproduce(
         children = tracker.children(parent_id)
         check_runs(runs_frame(children), manifests)
         # The table is computed from its shipped record, so that `maskd-bench tables` rebuilds it byte for byte.
-        record = TableRecord(profile, [m.name for m in manifests], environment_line(), wall, parent_id)
+        record = TableRecord(profile, [Path(m.source).stem for m in manifests], environment_line(), wall, parent_id)
         write_export(out_dir / EXPORT_NAME, record, [r for r in children if r.info.status == "FINISHED"])
         csv_path, md_path = write_main_table(out_dir)
         tracker.client.log_artifact(parent_id, str(out_dir / EXPORT_NAME), "table")
