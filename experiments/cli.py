@@ -109,10 +109,13 @@ def _runtime(args: argparse.Namespace):
 
 def _executor(args: argparse.Namespace):
     """``--executor``: the stage graph in this process, or as Ray tasks on ``--ray-address``."""
+    import torch
+
     from experiments.engine.executors import make_executor
 
+    stage_cpus = args.stage_cpus or torch.get_num_threads()  # default: the local executor's threads, same numbers
     return make_executor(
-        args.executor, args.ray_address, args.stage_cpus, args.stage_gpus, args.ray_cpus, args.device, args.amp
+        args.executor, args.ray_address, stage_cpus, args.stage_gpus, args.ray_cpus, args.device, args.amp
     )
 
 
@@ -314,7 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
             "`ray start` made on this host; HOST:PORT joins that head node",
         )
         p.add_argument(
-            "--stage-cpus", type=int, default=1, help="with --executor ray: CPUs per stage, also its torch threads"
+            "--stage-cpus",
+            type=int,
+            default=None,
+            help="with --executor ray: CPUs per stage, also its torch threads (default: the threads the local "
+            "executor uses, so the numbers are the local executor's; fewer runs more stages at once, with another "
+            "float reduction order)"
         )
         p.add_argument(
             "--stage-gpus",

@@ -124,7 +124,7 @@ def test_worker_killed_mid_stage_is_retried(tmp_path):
     env = {**os.environ, "MASKD_BENCH_CACHE": str(tmp_path / "cache")}
     args = ["run", "embedded_segmentation_smoke", "--methods", "baseline", "--seeds", "0", "--tracking-uri", uri]
     long_student = ["--set", "student_train.iterations=10"]
-    cmd = _cli(*args, *TINY, *long_student, "--executor", "ray", "--ray-cpus", "2", "--no-progress")
+    cmd = _cli(*args, *TINY, *long_student, "--executor", "ray", "--ray-cpus", "2", "--stage-cpus", "1", "--no-progress")
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
@@ -169,7 +169,7 @@ def test_failed_stage_shows_its_error_and_run(tmp_path):
     env = {**os.environ, "MASKD_BENCH_CACHE": str(tmp_path / "cache")}
     args = ["run", "embedded_segmentation_smoke", "--methods", "baseline", "--seeds", "0", "--tracking-uri", uri]
     diverge = ["--set", "student_train.lr=1e30"]  # the student's loss is nan at its first step
-    cmd = _cli(*args, *TINY, *diverge, "--executor", "ray", "--ray-cpus", "2", "--no-progress")
+    cmd = _cli(*args, *TINY, *diverge, "--executor", "ray", "--ray-cpus", "2", "--stage-cpus", "1", "--no-progress")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     tracker = Tracker(uri)
@@ -221,7 +221,8 @@ def test_two_drivers_on_one_cluster_and_tracking_server(tmp_path, ray_cluster):
     with serve(f"sqlite:///{tmp_path / 'server.db'}", log=tmp_path / "server.log", extra_args=artifacts) as url:
         env = {**os.environ, "MASKD_BENCH_CACHE": str(tmp_path / "cache")}
         args = ["run", "embedded_segmentation_smoke", "--methods", "baseline", "maskd", "--seeds", "0", *TINY]
-        cluster = ["--executor", "ray", "--ray-address", ray_cluster, "--tracking-uri", url, "--no-progress"]
+        cluster = ["--executor", "ray", "--ray-address", ray_cluster, "--stage-cpus", "1", "--tracking-uri", url]
+        cluster.append("--no-progress")
         drivers = []
         for i in range(2):
             cwd = tmp_path / f"driver{i}"
