@@ -124,7 +124,8 @@ def test_worker_killed_mid_stage_is_retried(tmp_path):
     env = {**os.environ, "MASKD_BENCH_CACHE": str(tmp_path / "cache")}
     args = ["run", "embedded_segmentation_smoke", "--methods", "baseline", "--seeds", "0", "--tracking-uri", uri]
     long_student = ["--set", "student_train.iterations=10"]
-    cmd = _cli(*args, *TINY, *long_student, "--executor", "ray", "--ray-cpus", "2", "--stage-cpus", "1", "--no-progress")
+    ray_args = ["--executor", "ray", "--ray-cpus", "2", "--stage-cpus", "1", "--no-progress"]
+    cmd = _cli(*args, *TINY, *long_student, *ray_args)
     log = tmp_path / "driver.log"
     with log.open("w") as out:
         driver = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
