@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=None,
             help="with --executor ray: CPUs per stage, also its torch threads (default: the threads the local "
             "executor uses, so the numbers are the local executor's; fewer runs more stages at once, with another "
-            "float reduction order)"
+            "float reduction order)",
         )
         p.add_argument(
             "--stage-gpus",
