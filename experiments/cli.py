@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -155,17 +156,52 @@ def _screenshot(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """One manifest; under ``torchrun`` with several processes, rank 0 runs it and the others follow its
+    training jobs (:mod:`experiments.engine.distributed`)."""
+    from experiments.engine import distributed as torchrun
+    from experiments.engine.manifest import load_manifest
+    from experiments.engine.stages import Runtime, RuntimeConfigError
+
+    manifest = load_manifest(args.manifest, sets=args.set)
+    methods = _checked_methods(args)
+    place = None
+    if torchrun.launched():
+        if args.executor == "ray":
+            raise RuntimeConfigError("--executor ray does not run under torchrun; use one or the other")
+        place, device = torchrun.start(args.device)
+        runtime = Runtime(device, args.amp)
+    else:
+        runtime = _driver_runtime(args)
+    try:
+        _check_batches(manifest, methods)
+        if place is not None and not place.main:
+            return torchrun.follow(runtime)  # rank 0 sends the training jobs; the rest is rank 0's
+        torchrun.followers_listening()  # they passed the same checks
+        return _run_manifest(args, manifest, methods, runtime)
+    finally:
+        torchrun.finish()
+
+
+def _check_batches(manifest, methods: list[str] | None) -> None:
+    """How each training stage's batch splits over this job's processes, checked before any work (one line
+    naming the keys and the process count: :func:`experiments.engine.training.geometry`)."""
+    from experiments.engine.pipeline import needs_tokens
+    from experiments.engine.training import geometry
+
+    geometry(manifest.teacher_train, "teacher_train")
+    geometry(manifest.student_train, "student_train")
+    if needs_tokens(manifest, methods or manifest.methods):
+        geometry(manifest.tokens, "tokens")
+
+
+def _run_manifest(args: argparse.Namespace, manifest, methods: list[str] | None, runtime) -> int:
     from tqdm import tqdm
 
     from experiments.engine.executors import StageGraph
-    from experiments.engine.manifest import load_manifest
     from experiments.engine.pipeline import Pipeline
     from experiments.engine.tracking import Tracker, parent_tags
     from experiments.tasks import get_task
 
-    manifest = load_manifest(args.manifest, sets=args.set)
-    methods = _checked_methods(args)
-    runtime = _driver_runtime(args)
     tracker = Tracker(args.tracking_uri)
     tracker.fail_stale_runs()
     pipeline = Pipeline(tracker, progress=not args.no_progress, reuse=not args.no_reuse, runtime=runtime)
@@ -240,6 +276,20 @@ def _import_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from experiments.engine.export import export_run
+
+    path, target = export_run(args.run_id, args.out, args.tracking_uri)
+    print(f"wrote {path}: the student alone; load_state_dict(strict=True) into {target}")
+    return 0
+
+
+def _convert_mmdet(args: argparse.Namespace) -> int:
+    from experiments.engine.convert_mmdet import main as convert
+
+    return convert(args.rest)
+
+
 def _methods(args: argparse.Namespace) -> int:
     from experiments.methods import methods
 
@@ -253,8 +303,8 @@ def _list(args: argparse.Namespace) -> int:
     from experiments.engine.manifest import load_manifest, shipped_manifests
 
     for name in shipped_manifests():
-        m = load_manifest(name)
-        print(f"{name:34s} {m.task:13s} {m.paper_row}")
+        m = load_manifest(name, check_data=False)  # the paper manifests' data root is the user's to give
+        print(f"{name:34s} {m.task:13s} {m.data.kind:11s} {m.paper_row}")
     return 0
 
 
@@ -339,9 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
         p.add_argument(
             "--amp",
-            choices=["none", "bf16"],
+            choices=["none", "bf16", "fp16"],
             default="none",
-            help="bf16: forward passes and losses under torch.autocast in bfloat16 (separate runs: own hashes)",
+            help="bf16: forward passes and losses under torch.autocast in bfloat16; fp16: in float16 with a "
+            "gradient scaler (steps with overflowing gradients are skipped, as the scaler means to); separate "
+            "runs: own hashes",
         )
 
     rep = sub.add_parser(
@@ -436,6 +488,23 @@ def build_parser() -> argparse.ArgumentParser:
     tab.add_argument("--check", action="store_true", help="write nothing; exit 1 if a committed table differs")
     tab.set_defaults(func=_tables)
 
+    exp = sub.add_parser(
+        "export",
+        help="write a finished student run's model alone (loads strictly into the plain torchvision model)",
+    )
+    exp.add_argument("run_id", help="the MLflow run id of a student run (see `maskd-bench run` output or mlflow ui)")
+    exp.add_argument("out", type=Path, help="the .pth file to write")
+    exp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: as `run`)")
+    exp.set_defaults(func=_export)
+
+    conv = sub.add_parser(
+        "convert-mmdet",
+        help="map an mmdetection 2.x checkpoint onto this suite's torchvision detector",
+        add_help=False,
+    )
+    conv.add_argument("rest", nargs=argparse.REMAINDER)
+    conv.set_defaults(func=_convert_mmdet)
+
     imp = sub.add_parser("import-runs", help="load a table's shipped export into an MLflow store (for mlflow ui)")
     imp.add_argument("export", type=Path, help="a runs.jsonl written with a table, e.g. reports/embedded/runs.jsonl")
     imp.add_argument("--tracking-uri", default=None, help="target store (default: sqlite:///mlflow.db here)")
@@ -446,6 +515,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # several torchrun processes: `run` only
+        from experiments.engine.distributed import refuse
+
+        why = refuse(args.command)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
     debug = getattr(args, "debug", False)
     reuse_stale = getattr(args, "reuse_stale", False)
     if reuse_stale:

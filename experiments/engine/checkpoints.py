@@ -1,7 +1,8 @@
 """Checkpoint files: written atomically, checked by sha256, loaded with ``weights_only=True`` only.
 
 A checkpoint that does not match its recorded sha256 or cannot be loaded raises :class:`CheckpointError`, whose
-message never suggests ``weights_only=False``.
+message never suggests ``weights_only=False``. :class:`ResumeCheckpoints` keeps a training stage's last resume
+checkpoints (weights, optimizer, RNG states, data position) and finds the newest good one.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,7 +55,7 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_atomic(state: dict[str, torch.Tensor], path: Path) -> str:
+def save_atomic(state: dict[str, Any], path: Path) -> str:
     """Write ``state`` to ``path`` through a unique temporary file in the same directory and ``os.replace`` (no
     reader ever sees half a file, two writers never share a temporary file); returns the file's sha256."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +93,13 @@ def sidecar(path: Path) -> Path:
 def load_checked(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Load ``path`` with ``weights_only=True`` after checking its sha256 (``expected_sha256``, else the
     sidecar's if there is one); raises :class:`CheckpointError` with a one-line reason."""
+    state = _load(path, expected_sha256)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _load(path: Path, expected_sha256: str | None) -> Any:
     expected = expected_sha256
     if expected is None and sidecar(path).is_file():
         expected = sidecar(path).read_text().strip() or None
@@ -103,8 +113,6 @@ def load_checked(path: Path, expected_sha256: str | None = None) -> dict[str, to
         raise CheckpointError(
             f"{path}: cannot be loaded ({clean_torch_message(str(exc)) or type(exc).__name__})"
         ) from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
     return state
 
 
@@ -113,4 +121,63 @@ def remove(path: Path) -> None:
     sidecar(path).unlink(missing_ok=True)
 
 
-__all__ = ["CheckpointError", "clean_torch_message", "load_checked", "remove", "save_atomic", "sha256_file", "sidecar"]
+class ResumeCheckpoints:
+    """The resume checkpoints of one training stage: ``folder/step-00000012.pt`` (the state after 12 optimizer
+    steps, a nested dict of tensors and plain values), each written atomically with its sha256 beside it; the
+    last ``keep`` are kept."""
+
+    PATTERN = re.compile(r"step-(\d+)\.pt")
+
+    def __init__(self, folder: Path, keep: int = 2) -> None:
+        self.folder = folder
+        self.keep = keep
+
+    def paths(self) -> list[Path]:
+        """The checkpoint files, newest (most steps) first."""
+        if not self.folder.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.folder.iterdir() if (m := self.PATTERN.fullmatch(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict[str, Any], step: int) -> Path:
+        path = self.folder / f"step-{step:08d}.pt"
+        save_atomic(state, path)
+        for old in self.paths()[self.keep :]:
+            remove(old)
+        return path
+
+    def latest(self, say: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+        """The newest checkpoint that passes its sha256 and loads with ``weights_only=True``; each one that does
+        not is named in one line (``say``) and the previous one is tried."""
+        for path in self.paths():
+            try:
+                state = _load(path, None)
+                if not isinstance(state, dict) or "step" not in state:
+                    raise CheckpointError(f"{path}: not a resume checkpoint")
+                return state, path
+            except CheckpointError as exc:
+                say(f"resume: skipped a corrupt checkpoint: {exc}")
+        return None
+
+    def clear(self) -> None:
+        for path in self.paths():
+            remove(path)
+        if self.folder.is_dir():
+            for leftover in self.folder.glob(".step-*.tmp"):  # a writer killed mid-write
+                leftover.unlink(missing_ok=True)
+            try:
+                self.folder.rmdir()
+            except OSError:
+                pass
+
+
+__all__ = [
+    "CheckpointError",
+    "ResumeCheckpoints",
+    "clean_torch_message",
+    "load_checked",
+    "remove",
+    "save_atomic",
+    "sha256_file",
+    "sidecar",
+]

@@ -38,7 +38,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -98,6 +98,9 @@ class SceneConfig:
     through :meth:`from_dict`. Intensities and contrasts are in [0, 1] image units. Tuples are inclusive
     ``(min, max)`` ranges.
     """
+
+    kind: ClassVar[str] = "embedded"
+    """The manifest's ``data.kind`` of these scenes (:mod:`experiments.datasets`); not a field, so not hashed."""
 
     image_size: int = 128
     """Side of the square images, px."""

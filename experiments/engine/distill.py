@@ -16,7 +16,22 @@ from ..tasks import get_task
 from .models import count_parameters
 from .runtime import cpu_state, device, seed_everything
 from .tokens import example_masks, teacher_features
-from .training import MetricLogger, StageResult, freeze, load_model, train_loop, train_model
+from .training import MetricLogger, Resume, StageResult, freeze, load_model, train_loop, train_model
+
+
+def inherit_from_teacher(student, teacher_state: dict[str, Tensor] | None, prefixes: list[str]) -> int:
+    """Copy the teacher's tensors under ``prefixes`` (e.g. ``backbone.fpn``, ``head``) into ``student``; returns
+    how many. The keys and shapes are checked before any work (``inheritance_problems``); a mismatch here is a
+    bug, so it raises."""
+    if not prefixes or teacher_state is None:
+        return 0
+    chosen = {k: v for k, v in teacher_state.items() if any(k == p or k.startswith(p + ".") for p in prefixes)}
+    missing, _ = student.load_state_dict(chosen, strict=False)
+    own = set(student.state_dict())
+    unknown = [k for k in chosen if k not in own]
+    if unknown or not chosen:
+        raise ValueError(f"distill.init_from_teacher = {prefixes}: teacher keys {unknown[:3]} are not in the student")
+    return len(chosen)
 
 
 def build_distillation(manifest, method: str, token_state: dict[str, Tensor] | None, seed: int = 0) -> Distillation:
@@ -60,21 +75,30 @@ def train_student(
     token_state: dict[str, Tensor] | None,
     log: MetricLogger,
     progress: bool = True,
+    resume: Resume | None = None,
+    evaluate: bool = True,
 ) -> StageResult:
-    """Stage 2: the student with ``method``'s loss added (``baseline``: no distillation)."""
+    """Stage 2: the student with ``method``'s loss added (``baseline``: no distillation). ``resume``: exact
+    resume checkpoints (:class:`~.training.Resume`); ``evaluate``: the processes of a torchrun job other than
+    rank 0 train only."""
     run = f"{manifest.task}/{method}/s{seed}"
     if method == "baseline":
-        return train_model(manifest, "student", seed, log, progress, run=run)
+        return train_model(manifest, "student", seed, log, progress, run=run, resume=resume, evaluate=evaluate)
     task = get_task(manifest.task)
     seed_everything(seed)
     student = task.build_model(manifest.student).to(device())
+    inherit_from_teacher(student, teacher_state, manifest.distill.init_from_teacher)
     teacher = freeze(load_model(manifest, "teacher", teacher_state))
     distillation = build_distillation(manifest, method, token_state, seed)
 
     def kd_step(images, targets, feats, step, extras):
         return distillation_terms(manifest, method, distillation, teacher, images, feats, step, extras)
 
-    timing = train_loop(student, distillation, manifest, manifest.student_train, seed, kd_step, log, run, progress)
+    timing = train_loop(
+        student, distillation, manifest, manifest.student_train, seed, kd_step, log, run, progress, resume
+    )
+    if not evaluate:
+        return StageResult({}, {})
     _, val_set, gt = task.datasets(manifest)
     metrics = task.evaluate(student, manifest, val_set, gt, progress=progress)
     metrics.update(timing)

@@ -48,13 +48,17 @@ def _quiet(*_args: Any, **_kwargs: Any) -> None:
 # Detection
 # --------------------------------------------------------------------------------------------------------
 def detections_to_coco_results(
-    image_ids: Sequence[int], outputs: Sequence[Mapping[str, torch.Tensor]]
+    image_ids: Sequence[int],
+    outputs: Sequence[Mapping[str, torch.Tensor]],
+    category_ids: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Convert torchvision detector outputs to COCO result dicts.
 
     ``outputs[i]`` holds ``boxes`` (XYXY, [n, 4]), ``scores`` [n] and ``labels`` [n] for image
-    ``image_ids[i]``. Labels are taken as COCO category ids unchanged (the data module's convention:
-    ``num_classes = 11``, label = category id); a label that is not a GT category is ignored by COCOeval.
+    ``image_ids[i]``. Without ``category_ids``, labels are taken as COCO category ids unchanged (the embedded
+    scenes' convention: ``num_classes = 11``, label = category id; a label that is not a GT category is ignored by
+    COCOeval). With them, label ``k`` (1..K) is category ``category_ids[k - 1]`` (contiguous labels of a real
+    annotation file) and any other label (0, never a training target) is dropped.
     """
     if len(image_ids) != len(outputs):
         raise ValueError(f"{len(image_ids)} image ids for {len(outputs)} outputs")
@@ -65,6 +69,10 @@ def detections_to_coco_results(
         scores = torch.as_tensor(out["scores"]).detach().cpu().tolist()
         labels = torch.as_tensor(out["labels"]).detach().cpu().tolist()
         for box, score, label in zip(xywh, scores, labels):
+            if category_ids is not None:
+                if not 1 <= int(label) <= len(category_ids):
+                    continue
+                label = category_ids[int(label) - 1]
             results.append({"image_id": int(image_id), "category_id": int(label), "bbox": box, "score": float(score)})
     return results
 
@@ -124,6 +132,7 @@ def evaluate_detection(
     coco_gt: str | Path | Mapping[str, Any] | Any,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    category_ids: Sequence[int] | None = None,
 ) -> dict[str, float]:
     """COCO box AP (percent) of a torchvision-style detector over ``loader``.
 
@@ -131,7 +140,9 @@ def evaluate_detection(
     [3, H, W] images, targets with ``image_id``). The model is run in eval mode under
     ``torch.inference_mode`` and must return a list of dicts ``boxes`` (XYXY) / ``scores`` / ``labels`` in
     input-image coordinates; its training flag is restored afterwards. Only the images the loader visited
-    are evaluated. See :func:`coco_stats_from_predictions` for the returned keys and NaN convention.
+    are evaluated. ``category_ids`` maps contiguous labels back to the file's ids
+    (:func:`detections_to_coco_results`). See :func:`coco_stats_from_predictions` for the returned keys and NaN
+    convention.
     """
     was_training = model.training
     model.eval()
@@ -143,7 +154,7 @@ def evaluate_detection(
                 outputs = model(_as_image_list(images, device))
                 ids = [int(t["image_id"]) for t in targets]
                 seen.extend(ids)
-                results.extend(detections_to_coco_results(ids, outputs))
+                results.extend(detections_to_coco_results(ids, outputs, category_ids))
     finally:
         model.train(was_training)
     return coco_stats_from_predictions(coco_gt, results, image_ids=seen)

@@ -11,7 +11,8 @@ count; any other change does.
 Rule, per stage (a superset of what each stage runs, never less):
 
 * teacher and ``baseline`` student: the training loop, runtime, models, data, evaluation, recorder, the task
-  registry and the manifest's task module, and what they import (segmentation's task imports ``maskd`` masks);
+  registry and the manifest's task module, every data kind (``experiments/datasets/``), and what they import
+  (segmentation's task imports ``maskd`` masks);
 * tokens: the same plus ``engine/tokens.py`` (hence ``maskd/``);
 * a distilled student: the same plus ``engine/distill.py`` and the method's own module, and what it imports
   (MasKD: ``maskd/`` and ``baselines/fgd.py``; CWD: ``baselines/cwd.py``...). Editing the MasKD loss therefore
@@ -31,8 +32,19 @@ from pathlib import Path
 #: Tests point it at an edited copy.
 SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
-_ENGINE = ("training", "tokens", "distill", "runtime", "models", "data", "evaluation", "recorder")
-_COMPUTING_DIRS = ("maskd", "baselines", "experiments/tasks", "experiments/methods")
+_ENGINE = (
+    "training",
+    "tokens",
+    "distill",
+    "runtime",
+    "models",
+    "data",
+    "evaluation",
+    "recorder",
+    "weights",
+    "distributed",
+)
+_COMPUTING_DIRS = ("maskd", "baselines", "experiments/tasks", "experiments/methods", "experiments/datasets")
 _COMMON = tuple(
     f"experiments/engine/{n}.py" for n in ("training", "runtime", "models", "data", "evaluation", "recorder")
 )
@@ -142,6 +154,8 @@ def stage_roots(kind: str, task: str, method: str | None = None, root: Path | No
 
     root = root or SOURCE_ROOT
     roots = list(_COMMON)
+    # the data kinds are loaded by their registry, not imported by name: every kind's module counts
+    roots += sorted(p.relative_to(root).as_posix() for p in (root / "experiments" / "datasets").glob("*.py"))
     task_module = _module_rel(type(get_task(task)).__module__, root)
     if task_module:
         roots.append(task_module)

@@ -5,6 +5,10 @@ are merged key by key, so a child states only what differs, with a comment sayin
 key is checked against the dataclasses below before anything runs: an unknown key or a wrong type raises
 :class:`ManifestError` naming the key, the file and the allowed keys.
 
+The ``[data]`` section is the config of its ``kind`` (:mod:`experiments.datasets`; ``"embedded"`` by default):
+its keys, the files it names and the models' classes and input sizes are checked against that kind. A child
+manifest, override or ``--set`` that changes ``data.kind`` starts the section afresh from the new kind's defaults.
+
 The resolved manifest flattens to ``section.key`` strings for MLflow params, and each stage hashes the part of it
 that determines its result (:func:`stage_hash`), which is how finished runs are found again and reused.
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..datasets import DEFAULT_KIND, get_kind, kind_names, kind_of
 from ..methods import registry as method_registry
 from ..tasks import get_task, tasks
 from .data import SceneConfig
@@ -62,6 +67,15 @@ class Train:
     warmup_iters: int = knob(0, ge=0)  # must also be shorter than the run (checked with the manifest)
     grad_clip: float = knob(0.0, ge=0)  # 0 = no clipping
     log_every: int = knob(10, ge=1)
+    # A resume checkpoint every N optimizer steps (0: never); resume is exact, so it is not in the stage hash.
+    checkpoint_every: int = knob(0, ge=0)
+    # batch_size is the total batch of one optimizer step; batch_per_device is one forward's share on one device
+    # (0: batch_size split over the torchrun processes, the whole batch in one process).
+    batch_per_device: int = knob(0, ge=0)
+    # With W processes: accumulate runs batch_size / (batch_per_device x W) forwards per step; linear_lr steps on
+    # batch_per_device x W images with lr x (that / batch_size) (Goyal et al.'s linear scaling rule).
+    batch_scaling: Literal["accumulate", "linear_lr"] = "accumulate"
+    sync_bn: bool = False  # SyncBatchNorm in the trained model with several CUDA processes (not on the CPU)
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,9 @@ class Tokens:
     schedule: Literal["cosine", "poly"] = "cosine"
     min_lr: float = knob(1e-6, ge=0)
     momentum: float = knob(0.9, ge=0, lt=1)
+    checkpoint_every: int = knob(0, ge=0)  # a resume checkpoint every N steps (0: never), as Train's
+    batch_per_device: int = knob(0, ge=0)  # as Train's
+    batch_scaling: Literal["accumulate", "linear_lr"] = "accumulate"  # as Train's
 
 
 @dataclass(frozen=True)
@@ -87,6 +104,10 @@ class Distill:
 
     features: list[str] = knob(default_factory=lambda: ["P3", "P4", "P5", "P6", "P7"], nonempty=True, unique=True)
     align: bool = True  # a trainable 1x1 conv per level on the student side (MasKD/FitNet configs)
+    # State-dict key prefixes copied from the teacher into every distilled student before training (not the
+    # baseline): the official MasKD RetinaNet configs initialise the student's neck and head from the teacher
+    # (``init_cfg`` prefix neck / bbox_head), FGD calls it "inheriting". Shapes must match (checked before work).
+    init_from_teacher: list[str] = knob(default_factory=list, unique=True)
 
 
 @dataclass(frozen=True)
@@ -97,7 +118,8 @@ class Manifest:
     description: str = ""
     methods: list[str] = field(default_factory=method_choices)
     protocol: Protocol = field(default_factory=Protocol)
-    data: SceneConfig = field(default_factory=SceneConfig)
+    #: the ``[data]`` section: the config of its ``kind`` (:mod:`experiments.datasets`), SceneConfig by default
+    data: Any = field(default_factory=SceneConfig)
     teacher: ModelConfig = field(default_factory=DetectorConfig)
     student: ModelConfig = field(default_factory=DetectorConfig)
     teacher_train: Train = field(default_factory=Train)
@@ -126,6 +148,7 @@ class Manifest:
         out.pop("source")
         configs = out.pop("method_configs")
         out = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in out.items()}
+        out["data"] = {"kind": getattr(self.data, "kind", DEFAULT_KIND), **out["data"]}
         for name in method_registry.method_names():
             out[name] = dataclasses.asdict(configs.get(name) or method_registry.get(name).config())
         return out
@@ -259,7 +282,23 @@ def _read(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], dict
     if not isinstance(base, str):
         raise ManifestError(f"base must be a file name in {path.name}, got {base!r}")
     base_data, base_origins = _read(path.parent / base, (*seen, path))
+    if _data_kind(data) not in (None, _data_kind(base_data) or DEFAULT_KIND):
+        base_data, base_origins = _without_data(base_data, base_origins)
     return _merge(base_data, data), {**base_origins, **origins}
+
+
+def _data_kind(data: dict[str, Any]) -> Any:
+    """``data.kind`` as written in ``data`` (None if it is not)."""
+    section = data.get("data")
+    return section.get("kind") if isinstance(section, dict) else None
+
+
+def _without_data(data: dict[str, Any], origins: dict[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """``data`` without its ``[data]`` section: the section's keys belong to another data kind. Changing
+    ``data.kind`` (in a child manifest, an override or a ``--set``) starts the section afresh from the new kind's
+    defaults, so that e.g. the embedded ``image_size = 128`` does not silently become COCO's short side."""
+    kept = {k: w for k, w in origins.items() if k != "data" and not k.startswith("data.")}
+    return {k: v for k, v in data.items() if k != "data"}, kept
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -273,19 +312,30 @@ def resolve_path(name: str | Path) -> Path:
     raise ManifestError(f"manifest {name} not found (shipped: {', '.join(shipped_manifests())})")
 
 
-def load_manifest(name: str | Path, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> Manifest:
+def load_manifest(
+    name: str | Path,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    check_data: bool = True,
+) -> Manifest:
     """Read, merge with its bases, apply ``overrides`` (a nested dict) and ``sets`` (``key=value`` texts, as
     ``--set`` gives them), check every key, type, range and cross-field rule (:func:`validate`). Any problem is
-    a :class:`ManifestError` naming where the value came from (file or ``--set``), before any work."""
+    a :class:`ManifestError` naming where the value came from (file or ``--set``), before any work.
+
+    ``check_data=False`` leaves the data set's files (its root, annotation files, layout) and the models' weight
+    files unread: for what needs the manifest but not the files (listing the shipped manifests, converting
+    weights, tests of the shipped paper manifests). The models' ``num_classes``
+    then comes from the data kind only where it is known without the files, else from the manifest."""
     path = resolve_path(name)
     data, origins = _read(path)
-    if overrides:
-        data = _merge(data, overrides)
-        origins.update(_leaf_origins(overrides, "an override"))
-    for text in sets or []:
-        override = parse_override(text)
-        data = _merge(data, override)
-        origins.update(_leaf_origins(override, f"--set {text}"))
+    layers = [(overrides, "an override")] if overrides else []
+    layers += [(parse_override(text), f"--set {text}") for text in sets or []]
+    kinds = [k for k in (_data_kind(layer) for layer, _ in layers) if k is not None]
+    if kinds and kinds[-1] != (_data_kind(data) or DEFAULT_KIND):
+        data, origins = _without_data(data, origins)  # the files' [data] is for another kind
+    for layer, where in layers:
+        data = _merge(data, layer)
+        origins.update(_leaf_origins(layer, where))
     task_name = data.get("task")
     known = tasks()
     if task_name not in known:
@@ -303,30 +353,100 @@ def load_manifest(name: str | Path, overrides: dict[str, Any] | None = None, set
         if not isinstance(section, dict):
             raise ManifestError(f"{method} must be a table in {here}, got {type(section).__name__}")
         method_configs[method] = _build(spec.config, section, method, here, origins)
-    models = {}
-    image_size = data.get("data", {}).get("image_size", SceneConfig().image_size)
-    for role in ("teacher", "student"):
-        section = dict(data.pop(role, {}))
-        if "image_size" in {f.name for f in dataclasses.fields(model_cls)}:
-            if section.setdefault("image_size", image_size) != image_size:
-                raise ManifestError(
-                    f"{_where(origins, role + '.image_size', path.name)}: {role}.image_size = "
-                    f"{section['image_size']} differs from data.image_size = {image_size}"
-                )
-        models[role] = _build(model_cls, section, role, _where(origins, role, path.name), origins)
-    manifest = _build(Manifest, data, "", path.name, origins)
-    manifest = dataclasses.replace(manifest, source=str(path), method_configs=method_configs, **models)
-    problems = validate(manifest)
+    data_cfg, from_data = _data_section(data, origins, task_name, path.name, check_data)
+    try:
+        models = {}
+        model_fields = {f.name for f in dataclasses.fields(model_cls)}
+        for role in ("teacher", "student"):
+            section = dict(data.pop(role, {}))
+            for key, value in from_data.items():  # input sizes and classes follow the data
+                if key in model_fields and section.setdefault(key, value) != value:
+                    source = f"data.{key} = {value}" if key != "num_classes" else f"{value}, the classes of the data"
+                    raise ManifestError(
+                        f"{_where(origins, f'{role}.{key}', path.name)}: {role}.{key} = {section[key]} differs from "
+                        f"{source} (data.kind = {data_cfg.kind!r})"
+                    )
+            models[role] = _build(model_cls, section, role, _where(origins, role, path.name), origins)
+        manifest = _build(Manifest, data, "", path.name, origins)
+        manifest = dataclasses.replace(
+            manifest, source=str(path), method_configs=method_configs, data=data_cfg, **models
+        )
+        problems = validate(manifest, check_data)
+    finally:
+        _CHECKED.pop(_check_key(data_cfg, task_name), None)
     if problems:
         first = problems[0]
-        raise ManifestError(first.message(_where(origins, first.key, path.name)))
+        raise ManifestError(first.message(_origin(origins, first.key, path.name)))
     return manifest
 
 
+def _origin(origins: dict[str, str], key: str, default: str) -> str:
+    """Where ``key`` was set; a data key left at its default is blamed on what chose the data: the root for a
+    path under it, else the kind."""
+    if key.startswith("data.") and key not in origins:
+        under_root = key.endswith(("_annotations", "_images"))
+        for chosen in ("data.root", "data.kind") if under_root else ("data.kind", "data.root"):
+            if chosen in origins:
+                return origins[chosen]
+    return _where(origins, key, default)
+
+
+def _data_section(
+    data: dict[str, Any], origins: dict[str, str], task: str, default: str, check_data: bool = True
+) -> tuple[Any, dict]:
+    """The ``[data]`` section (popped from ``data``) built as the config of its ``kind``, checked (the kind's
+    files and layout) before anything else needs it; and what the model sections take from it (``image_size``,
+    ``max_size``, and the kind's ``num_classes`` for data other than the embedded scenes)."""
+    here = _where(origins, "data", default)
+    section = data.pop("data", {})
+    if not isinstance(section, dict):
+        raise ManifestError(f"data must be a table in {here}, got {type(section).__name__}")
+    section = dict(section)
+    name = section.pop("kind", DEFAULT_KIND)
+    allowed = kind_names(task)
+    if name not in allowed:
+        problem = Problem("data.kind", name, f"{', '.join(allowed)} (the data kinds for {task})")
+        raise ManifestError(problem.message(_where(origins, "data.kind", default)))
+    kind = get_kind(name)
+    cfg = _build(kind.config, section, "data", here, origins)
+    problems = range_problems(cfg, "data") + (kind.check(cfg, task) if check_data else [])
+    if problems:
+        raise ManifestError(problems[0].message(_origin(origins, problems[0].key, default)))
+    _CHECKED[_check_key(cfg, task)] = []
+    taken = {key: getattr(cfg, key) for key in ("image_size", "max_size", "multiscale_short") if hasattr(cfg, key)}
+    if name != DEFAULT_KIND:
+        try:
+            taken["num_classes"] = kind.num_classes(cfg, task)
+        except (OSError, ValueError, KeyError):
+            if check_data:
+                raise
+    return cfg, taken
+
+
+#: data checks already run by :func:`load_manifest`, consumed by its :func:`validate` (the checks read files)
+_CHECKED: dict[str, list[Problem]] = {}
+
+
+def _check_key(cfg, task: str) -> str:
+    return digest([getattr(cfg, "kind", DEFAULT_KIND), task, dataclasses.asdict(cfg)])
+
+
+def _data_problems(m: Manifest, check_data: bool = True) -> list[Problem]:
+    """The data kind serves the task, the section's ranges, and the kind's own checks (files, layout, sizes)."""
+    kind = kind_of(m.data)
+    if m.task not in kind.tasks:
+        return [Problem("data.kind", kind.name, f"{', '.join(kind_names(m.task))} (the data kinds for {m.task})")]
+    checked = _CHECKED.pop(_check_key(m.data, m.task), None)
+    if checked is not None:
+        return checked
+    return range_problems(m.data, "data") + (kind.check(m.data, m.task) if check_data else [])
+
+
 # ------------------------------------------------------------------------------------------ validation
-def validate(m: Manifest) -> list[Problem]:
+def validate(m: Manifest, check_data: bool = True) -> list[Problem]:
     """Every value ``m`` cannot run with, checked before any work: declared field ranges, then the cross-field
-    rules of the manifest, its task and its methods (features the models have, channels, image sizes)."""
+    rules of the manifest, its task and its methods (features the models have, channels, image sizes), and its
+    data kind's checks of the data on disk (unless ``check_data`` is False)."""
     problems: list[Problem] = []
     for section in ("protocol", "teacher_train", "student_train", "tokens", "distill"):
         problems += range_problems(getattr(m, section), section)
@@ -338,6 +458,18 @@ def validate(m: Manifest) -> list[Problem]:
         if train.warmup_iters >= train.iterations:
             problems.append(
                 Problem(f"{section}.warmup_iters", train.warmup_iters, f"< {section}.iterations ({train.iterations})")
+            )
+    for section in ("teacher_train", "student_train", "tokens"):
+        train = getattr(m, section)
+        if train.batch_per_device > train.batch_size or (
+            train.batch_per_device and train.batch_scaling == "accumulate" and train.batch_size % train.batch_per_device
+        ):
+            problems.append(
+                Problem(
+                    f"{section}.batch_per_device",
+                    train.batch_per_device,
+                    f"0 or a divisor of {section}.batch_size ({train.batch_size}) with batch_scaling = 'accumulate'",
+                )
             )
     choices = method_choices()
     if not m.methods:
@@ -365,12 +497,18 @@ def validate(m: Manifest) -> list[Problem]:
             continue
         problems += _feature_problems(m, method, task)
         problems += spec.checks(m)
+    if check_data:  # the weight files are read like the data's
+        problems += _weights_problems(m)
+    if m.distill.init_from_teacher and any(x != "baseline" for x in m.methods):
+        problems += _inheritance_problems(m, task)
+    data_problems = _data_problems(m, check_data)
+    problems += data_problems
+    sizes = kind_of(m.data).stride_keys(m.data) if not data_problems else {}
     for role in ("teacher", "student"):
         stride = task.input_stride(getattr(m, role))
-        if m.data.image_size % stride:
-            problems.append(
-                Problem("data.image_size", m.data.image_size, f"a multiple of {stride} (the {role} model's stride)")
-            )
+        for key, value in sizes.items():
+            if any(int(v) % stride for v in (value if isinstance(value, list | tuple) else [value])):
+                problems.append(Problem(key, value, f"a multiple of {stride} (the {role} model's stride)"))
     return problems
 
 
@@ -405,6 +543,57 @@ def _feature_problems(m: Manifest, method: str, task) -> list[Problem]:
     return out
 
 
+def _weights_problems(m: Manifest) -> list[Problem]:
+    """Weight files (``teacher.weights``, ``student.backbone_weights``, ...) exist, load, and fit their model."""
+    from .weights import check_weights
+
+    out = []
+    for role in ("teacher", "student"):
+        cfg = getattr(m, role)
+        for line in check_weights(cfg):
+            field_name, _, why = line.partition(": ")
+            out.append(
+                Problem(f"{role}.{field_name}", getattr(cfg, field_name, ""), f"a file that fits the model; {why}")
+            )
+    return out
+
+
+def _unweighted(cfg):
+    """``cfg`` without weight files: validation builds models for their structure, not their values."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, **{k: "" for k in ("weights", "backbone_weights") if k in names})
+
+
+def _inheritance_problems(m: Manifest, task) -> list[Problem]:
+    """Every ``distill.init_from_teacher`` prefix names tensors the teacher has and the student has too, of the
+    same shapes (the teacher's neck and head copied into the student, as the official RetinaNet configs do)."""
+    shapes = {role: _state_shapes(getattr(m, role), task) for role in ("teacher", "student")}
+    for prefix in m.distill.init_from_teacher:
+        keys = [k for k in shapes["teacher"] if k == prefix or k.startswith(prefix + ".")]
+        if not keys:
+            return [Problem("distill.init_from_teacher", prefix, "a prefix of the teacher's state-dict keys")]
+        for key in keys:
+            s, t = shapes["student"].get(key), shapes["teacher"][key]
+            if s != t:
+                have = "missing" if s is None else f"shape {list(s)}"
+                return [
+                    Problem(
+                        "distill.init_from_teacher",
+                        prefix,
+                        f"tensors the student has in the teacher's shape ({key}: teacher {list(t)}, student {have})",
+                    )
+                ]
+    return []
+
+
+def _state_shapes(cfg, task) -> dict[str, tuple[int, ...]]:
+    key = "shapes-" + digest(dataclasses.asdict(cfg))
+    if key not in _SHAPES:
+        _SHAPES[key] = {k: tuple(v.shape) for k, v in task.build_model(_unweighted(cfg)).state_dict().items()}
+    return _SHAPES[key]
+
+
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
 _BUILT: dict[str, frozenset[str]] = {}
 
 
@@ -412,7 +601,7 @@ def _module_names(cfg, task) -> frozenset[str]:
     """Names of the modules of the model ``cfg`` builds (built once per config on the CPU, then remembered)."""
     key = digest(dataclasses.asdict(cfg))
     if key not in _BUILT:
-        _BUILT[key] = frozenset(name for name, _ in task.build_model(cfg).named_modules())
+        _BUILT[key] = frozenset(name for name, _ in task.build_model(_unweighted(cfg)).named_modules())
     return _BUILT[key]
 
 

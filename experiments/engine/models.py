@@ -2,16 +2,19 @@
 
 Two tasks, each with a config dataclass, a builder, a feature declaration and a one-pass forward helper:
 
-* detection: torchvision ``RetinaNet`` (or ``FCOS``) on a ResNet + FPN (P3-P7). Distilled features are the
-  five FPN levels. :func:`detector_train_step` returns the task losses *and* those FPN features from one
+* detection: torchvision ``RetinaNet`` or ``FCOS`` on a ResNet + FPN (P3-P7), or ``FasterRCNN`` on a ResNet +
+  FPN (P2-P6, as torchvision's ``fasterrcnn_resnet50_fpn`` and mmdet's Faster R-CNN). Distilled features are
+  the five FPN levels. :func:`detector_train_step` returns the task losses *and* those FPN features from one
   forward, so a distillation step never runs the student backbone twice.
-* segmentation: torchvision ``DeepLabV3`` (ASPP head) on a dilated ResNet at output stride 8. Distilled
-  features are the pre-upsampling logits (``classifier``) and the last backbone stage.
+* segmentation: torchvision ``DeepLabV3`` (ASPP head) or a PSPNet (pyramid pooling head, written here: torchvision
+  has none) on a dilated ResNet or MobileNetV2 at output stride 8. Distilled features are the pre-upsampling
+  logits (``classifier``) and the last backbone stage.
 
-Nothing is pretrained here (no weights can be downloaded): every model starts from torchvision's random init,
-with trainable BatchNorm. The ResNet body keeps torchvision's module names, so at ``width=64`` its
-``state_dict`` keys and shapes equal ``torchvision.models.resnetXX`` (minus ``fc``) and ImageNet weights could
-be loaded later (with ``norm="frozen_batchnorm"``, as torchvision does for pretrained backbones).
+The embedded models start from torchvision's random init, with trainable BatchNorm. The paper's models start
+from files (``backbone_weights``: ImageNet; ``weights``: a trained teacher; see ``weights.py``; nothing is ever
+downloaded). The ResNet body keeps torchvision's module names, so at ``width=64`` its ``state_dict`` keys and
+shapes equal ``torchvision.models.resnetXX`` (minus ``fc``), and a model built here has the state-dict layout of
+the torchvision builder of the same architecture (``export.plain_torchvision_model``).
 
 Shape shorthand: N images, K classes, C channels, (H, W) image size after the detector's resize and padding,
 (H_l, W_l) = ceil(H / stride_l), ceil(W / stride_l) for FPN level l.
@@ -19,29 +22,37 @@ Shape shorthand: N images, K classes, C channels, (H, W) image size after the de
 Class ids: the embedded benchmark uses COCO-style category ids 1..10 and ``num_classes=11``. torchvision's
 RetinaNet and FCOS use the label as a column index of a sigmoid classifier, so column 0 is never a positive
 (an unused output, as torchvision's 91-class COCO models leave unused ids); no background class is modelled.
+Faster R-CNN's softmax classifier uses column 0 as the background, so the same ids work unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models import mobilenet_v2
+from torchvision.models._utils import IntermediateLayerGetter, _make_divisible
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 from torchvision.models.segmentation import DeepLabV3
+from torchvision.models.segmentation._utils import _SimpleSegmentationModel
 from torchvision.models.segmentation.deeplabv3 import ASPP
 from torchvision.models.segmentation.fcn import FCNHead
-from torchvision.ops import FrozenBatchNorm2d
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 __all__ = [
     "DEFAULT_DETECTION_STUDENT",
@@ -51,8 +62,12 @@ __all__ = [
     "DetectorConfig",
     "DetectorStep",
     "FeatureSpec",
+    "LastLevelP6P7NoReLU",
+    "PSPNet",
+    "PyramidPooling",
     "ResNetBody",
     "SegmenterConfig",
+    "build_architecture",
     "build_detector",
     "build_model",
     "build_resnet_body",
@@ -63,6 +78,8 @@ __all__ = [
     "feature_info",
     "forward_features",
     "fpn_levels",
+    "freeze_backbone_stages",
+    "hash_spec",
     "segmenter_forward",
     "segmenter_masked_forward",
 ]
@@ -237,16 +254,29 @@ class FeatureSpec:
 # Detection
 # ---------------------------------------------------------------------------------------------------------
 
-DETECTION_ARCHS = ("retinanet", "fcos")
+DETECTION_ARCHS = ("retinanet", "fcos", "faster_rcnn")
+#: Where RetinaNet/FCOS take P6 from (P7 is always computed from P6).
+EXTRA_LEVEL_SOURCES = ("p5", "c5")
 
 
 @dataclass(frozen=True)
 class DetectorConfig:
-    """A one-stage detector: ResNet body + FPN (P3-P7) + RetinaNet or FCOS head. Plain values only.
+    """A ResNet body + FPN + RetinaNet, FCOS or Faster R-CNN head. Plain values only.
 
-    Paper scale (COCO): ``backbone="resnet50", width=64, fpn_channels=256, image_size=800`` (torchvision uses
-    min_size 800 / max_size 1333), ``anchor_sizes=(32, 64, 128, 256, 512)``. The embedded defaults below
-    scale these to 128x128 scenes.
+    Paper scale (COCO, mmdet 2x configs): ``backbone="resnet50"`` (student) / ``"resnet101"`` (teacher),
+    ``width=64, fpn_channels=256, image_size=800, max_size=1333, num_classes=81`` (80 classes in columns 1..80),
+    ``norm="frozen_batchnorm", trainable_layers=3, backbone_weights="ResNet50_Weights.IMAGENET1K_V1"``, and per
+    architecture:
+
+    * RetinaNet: ``anchor_sizes=(32, 64, 128, 256, 512), scales_per_octave=3, head_group_norm=False,
+      extra_levels_from="c5", p7_relu=False`` (mmdet's head has no norm; its FPN adds P6 from C5, ``on_input``,
+      and no ReLU before P7).
+    * FCOS: ``anchor_sizes`` = the strides ``(8, 16, 32, 64, 128)``, P6 from P5 with the ReLU (mmdet's
+      ``on_output`` + ``relu_before_extra_convs``), the defaults.
+    * Faster R-CNN: ``returned_layers=(1, 2, 3, 4)`` (P2..P5, P6 a max-pool of P5), ``anchor_sizes=(32, 64, 128,
+      256, 512), scales_per_octave=1`` (torchvision's and mmdet's one scale x 3 ratios per level).
+
+    The embedded defaults below scale the one-stage detectors to 128x128 scenes and train from scratch.
     """
 
     arch: str = "retinanet"
@@ -256,8 +286,9 @@ class DetectorConfig:
     # Same for teacher and student (as in the paper, both 256) so FPN features compare without an adapter.
     fpn_channels: int = 64
     # ResNet stages feeding the FPN: layer2..4 -> P3..P5 (strides 8..32); LastLevelP6P7 adds P6, P7.
+    # Faster R-CNN: (1, 2, 3, 4) -> P2..P5, and LastLevelMaxPool adds P6.
     returned_layers: tuple[int, ...] = (2, 3, 4)
-    # COCO-style ids 1..10, column 0 unused (see module docstring).
+    # COCO-style ids 1..10, column 0 unused (see module docstring). Faster R-CNN: column 0 is the background.
     num_classes: int = 11
     # Images are resized so min side = max side = image_size; torchvision's default 800/1333 would upsample
     # 128-pixel scenes to 800 and cost ~10x (ECOSYSTEM.md section 4).
@@ -268,47 +299,89 @@ class DetectorConfig:
     # scales_per_octave sizes int(x * 2 ** (k / scales_per_octave)), k = 0.., times each aspect ratio.
     # FCOS uses one "anchor" per location whose size sets the level's regression range (4x..8x the size);
     # torchvision sets it to the stride, which is what anchor_sizes defaults to here.
+    # Faster R-CNN's RPN uses the same rule (one entry per level, P2..P6).
     anchor_sizes: tuple[int, ...] = (8, 16, 32, 64, 128)
     scales_per_octave: int = 3
     aspect_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)
     # GroupNorm(32) in the RetinaNet head convs, as torchvision's retinanet_resnet50_fpn_v2 and FCOS have.
     # Departs from the paper (mmdet RetinaNet head, no norm, on ImageNet-initialised backbones): here
     # everything trains from scratch, where a normalised head is the usual stabiliser. False = the v1 head.
+    # RetinaNet only: FCOS always has GroupNorm, Faster R-CNN's heads have no norm.
     head_group_norm: bool = True
     # Backbone norm; "frozen_batchnorm" only makes sense with pretrained weights (torchvision's choice then).
     norm: str = "batchnorm"
     score_thresh: float = 0.05
     nms_thresh: float = 0.5
     detections_per_img: int = 100
+    # RetinaNet/FCOS: candidates per level before NMS (Faster R-CNN keeps torchvision's RPN defaults instead).
     topk_candidates: int = 1000
+    # --- paper-scale fields (issue 8); their defaults leave the embedded models exactly as they were ---
+    # RetinaNet/FCOS: P6 from the FPN's P5 ("p5": torchvision's retinanet_resnet50_fpn and FCOS, mmdet's
+    # add_extra_convs="on_output") or from the ResNet's C5 ("c5": the RetinaNet paper, mmdet's RetinaNet
+    # add_extra_convs="on_input", torchvision's retinanet_resnet50_fpn_v2: a 3x3 conv from C5's channels).
+    extra_levels_from: str = "p5"
+    # RetinaNet/FCOS: ReLU between P6 and P7 (torchvision's LastLevelP6P7, mmdet's FCOS). mmdet's RetinaNet has
+    # none (relu_before_extra_convs=False): set False for a teacher converted from mmdet.
+    p7_relu: bool = True
+    # 0: min side = max side = image_size (square resize, the embedded scenes). Otherwise torchvision's
+    # min_size=image_size, max_size=max_size (COCO: 800 / 1333, mmdet's img_scale=(1333, 800)).
+    max_size: int = 0
+    # Training short sides drawn per image from this inclusive range (mmdet's multiscale "range" mode, FCOS's
+    # 1333 x [640, 800]); evaluation at image_size. Empty: always image_size. Copied from data.multiscale_short.
+    multiscale_short: tuple[int, ...] = ()
+    # ResNet stages that train, counted from layer4 (torchvision's trainable_backbone_layers): 5 = all (from
+    # scratch, the default); 3 = torchvision's default with ImageNet weights and mmdet's frozen_stages=1 (stem
+    # and layer1 frozen). Frozen stages get requires_grad False; their BatchNorm still follows model.train().
+    trainable_layers: int = 5
+    # Faster R-CNN: width of the two-layer box head (TwoMLPHead fc6/fc7; torchvision and mmdet use 1024).
+    representation_size: int = 1024
+    # A whole trained model's state dict (a teacher): a file path or a torchvision weights name
+    # (experiments/engine/weights.py). Loaded strictly by build_model, after backbone_weights.
+    weights: str = ""
+    # The backbone body's initialisation (ImageNet), e.g. "ResNet50_Weights.IMAGENET1K_V1" or a path to
+    # torchvision's resnet50 file; its fc.* is ignored. Needs width=64.
+    backbone_weights: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, DETECTION_ARCHS)
         _check_choice("backbone", self.backbone, list(RESNET_LAYOUTS))
         _check_choice("norm", self.norm, list(NORM_LAYERS))
+        _check_choice("extra_levels_from", self.extra_levels_from, EXTRA_LEVEL_SOURCES)
         layers = self.returned_layers
         consecutive = tuple(range(layers[0], layers[0] + len(layers))) == layers if layers else False
         if not consecutive or layers[0] < 1 or layers[-1] > 4:
             # The FPN levels must be consecutive stages for the strides (and P6/P7) to follow.
             raise ValueError(f"returned_layers must be consecutive ResNet stages in 1..4, got {layers}")
-        num_levels = len(self.returned_layers) + 2
-        if len(self.anchor_sizes) != num_levels:
+        if self.arch == "faster_rcnn" and (self.extra_levels_from != "p5" or not self.p7_relu):
             raise ValueError(
-                f"anchor_sizes has {len(self.anchor_sizes)} entries for {num_levels} FPN levels "
-                f"(returned_layers={self.returned_layers} + P6, P7)"
+                "extra_levels_from and p7_relu apply to retinanet/fcos; faster_rcnn's P6 is a max-pool of P5 "
+                "(leave them at 'p5' and true)"
             )
-        needs_gn = self.arch == "fcos" or self.head_group_norm
+        if len(self.anchor_sizes) != self.num_levels:
+            extra = "P6" if self.arch == "faster_rcnn" else "P6, P7"
+            raise ValueError(
+                f"anchor_sizes has {len(self.anchor_sizes)} entries for {self.num_levels} FPN levels "
+                f"(returned_layers={self.returned_layers} + {extra})"
+            )
+        needs_gn = self.arch == "fcos" or (self.arch == "retinanet" and self.head_group_norm)
         if needs_gn and self.fpn_channels % 32:
             raise ValueError(f"fpn_channels={self.fpn_channels} must be a multiple of 32 for GroupNorm(32) heads")
+        if self.max_size and self.max_size < self.image_size:
+            raise ValueError(f"max_size={self.max_size} must be 0 or at least image_size={self.image_size}")
+        if not 0 <= self.trainable_layers <= 5:
+            raise ValueError(f"trainable_layers={self.trainable_layers} must be in 0..5 (torchvision's range)")
+        if self.representation_size < 1:
+            raise ValueError(f"representation_size={self.representation_size} must be positive")
 
     @property
     def num_levels(self) -> int:
-        return len(self.returned_layers) + 2
+        return len(self.returned_layers) + (1 if self.arch == "faster_rcnn" else 2)
 
     def level_strides(self) -> tuple[int, ...]:
-        """Stride of each FPN level: layer k is at 2 ** (k + 1); P6, P7 halve twice more."""
+        """Stride of each FPN level: layer k is at 2 ** (k + 1); P6 (and P7) halve once (twice) more."""
         strides = [2 ** (layer + 1) for layer in self.returned_layers]
-        return (*strides, strides[-1] * 2, strides[-1] * 4)
+        extra = [strides[-1] * 2 ** (k + 1) for k in range(self.num_levels - len(strides))]
+        return (*strides, *extra)
 
     def anchor_generator(self) -> AnchorGenerator:
         """torchvision's ``_default_anchorgen`` rule on ``anchor_sizes`` (one square anchor for FCOS)."""
@@ -321,31 +394,92 @@ class DetectorConfig:
         return AnchorGenerator(sizes, (tuple(self.aspect_ratios),) * self.num_levels)
 
 
+class LastLevelP6P7NoReLU(LastLevelP6P7):
+    """torchvision's ``LastLevelP6P7`` without the ReLU between P6 and P7 (mmdet's RetinaNet FPN,
+    ``relu_before_extra_convs=False``). Same parameters and state_dict keys (``p6``, ``p7``)."""
+
+    def forward(self, p: list[Tensor], c: list[Tensor], names: list[str]) -> tuple[list[Tensor], list[str]]:
+        p6 = self.p6(p[-1] if self.use_P5 else c[-1])
+        p.extend([p6, self.p7(p6)])
+        names.extend(["p6", "p7"])
+        return p, names
+
+
+def freeze_backbone_stages(body: nn.Module, trainable_layers: int) -> None:
+    """torchvision's ``_resnet_fpn_extractor`` rule: only the last ``trainable_layers`` of (conv1, layer1..4)
+    keep ``requires_grad`` (5 also keeps bn1). Parameters only; BatchNorm statistics follow the module mode."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers={trainable_layers} must be in 0..5")
+    layers_to_train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        layers_to_train.append("bn1")
+    for name, parameter in body.named_parameters():
+        if not any(name.startswith(layer) for layer in layers_to_train):
+            parameter.requires_grad_(False)
+
+
+def _extra_levels(cfg: DetectorConfig, c5_channels: int) -> ExtraFPNBlock:
+    if cfg.arch == "faster_rcnn":
+        return LastLevelMaxPool()  # P6 = max_pool2d(P5, 1, stride 2): torchvision and mmdet (num_outs=5)
+    # LastLevelP6P7(C, C): P6 is computed from P5 (torchvision's retinanet_resnet50_fpn). "c5": a 3x3 conv from
+    # the last returned stage's channels, as the original RetinaNet and mmdet do.
+    in_channels = cfg.fpn_channels if cfg.extra_levels_from == "p5" else c5_channels
+    cls = LastLevelP6P7 if cfg.p7_relu else LastLevelP6P7NoReLU
+    extra = cls(in_channels, cfg.fpn_channels)
+    # torchvision infers the source from in_channels == out_channels; a C5 as wide as the FPN would pass for P5.
+    extra.use_P5 = cfg.extra_levels_from == "p5"
+    return extra
+
+
 def _detector_backbone(cfg: DetectorConfig) -> BackboneWithFPN:
     # torchvision's resnet_fpn_backbone hard-codes 256 FPN channels and width 64, so build the same
-    # BackboneWithFPN it builds from our body. All layers train (trainable_layers=5: from scratch).
+    # BackboneWithFPN it builds from our body. All layers train by default (trainable_layers=5: from scratch).
     body = build_resnet_body(cfg.backbone, width=cfg.width, norm=cfg.norm)
+    freeze_backbone_stages(body, cfg.trainable_layers)
     return_layers = {f"layer{layer}": str(i) for i, layer in enumerate(cfg.returned_layers)}
     in_channels = [body.stage_channels[layer - 1] for layer in cfg.returned_layers]
-    # LastLevelP6P7(C, C): P6 is computed from P5 (torchvision's retinanet_resnet50_fpn). The original
-    # RetinaNet and mmdet use C5, a 3x3 conv from 8 x width (x4 for Bottleneck) channels instead.
-    extra = LastLevelP6P7(cfg.fpn_channels, cfg.fpn_channels)
+    extra = _extra_levels(cfg, in_channels[-1])
     return BackboneWithFPN(body, return_layers, in_channels, cfg.fpn_channels, extra_blocks=extra)
 
 
-def build_detector(cfg: DetectorConfig) -> RetinaNet | FCOS:
-    """Build a randomly initialised torchvision RetinaNet/FCOS described by ``cfg``.
+def build_detector(cfg: DetectorConfig) -> RetinaNet | FCOS | FasterRCNN:
+    """Build a randomly initialised torchvision RetinaNet/FCOS/FasterRCNN described by ``cfg``.
 
     ``model(images, targets)`` in train mode returns the loss dict (``classification``, ``bbox_regression``
-    [, ``bbox_ctrness``]); in eval mode a list of dicts ``boxes [D, 4] (xyxy, input pixels), scores [D],
-    labels [D]``. ``images`` is a list of [3, H, W] floats in [0, 1] (or a [N, 3, H, W] tensor); the model
-    normalises with ImageNet mean/std and resizes to ``image_size``.
+    [, ``bbox_ctrness``]; Faster R-CNN: ``loss_classifier``, ``loss_box_reg``, ``loss_objectness``,
+    ``loss_rpn_box_reg``); in eval mode a list of dicts ``boxes [D, 4] (xyxy, input pixels), scores [D], labels
+    [D]``. ``images`` is a list of [3, H, W] floats in [0, 1] (or a [N, 3, H, W] tensor); the model normalises
+    with ImageNet mean/std and resizes to ``image_size`` (and ``max_size``). Weight files are applied by
+    :func:`build_model`, not here.
     """
     backbone = _detector_backbone(cfg)
+    anchor_generator = cfg.anchor_generator()
+    min_size: int | tuple[int, ...] = cfg.image_size
+    if cfg.multiscale_short:
+        # torchvision draws one of min_size per training image and evaluates at min_size[-1]: the range, with
+        # image_size moved last
+        low, high = cfg.multiscale_short
+        min_size = (*(v for v in range(low, high + 1) if v != cfg.image_size), cfg.image_size)
+    sizes = {"min_size": min_size, "max_size": cfg.max_size or cfg.image_size}
+    if cfg.arch == "faster_rcnn":
+        # torchvision's fasterrcnn_resnet50_fpn heads: RPNHead (one 3x3 conv), RoIAlign 7x7 on P2..P5 (not P6),
+        # TwoMLPHead and FastRCNNPredictor (softmax over num_classes, column 0 = background).
+        pool = MultiScaleRoIAlign([str(i) for i in range(len(cfg.returned_layers))], output_size=7, sampling_ratio=2)
+        return FasterRCNN(
+            backbone,
+            num_classes=None,
+            **sizes,
+            rpn_anchor_generator=anchor_generator,
+            box_roi_pool=pool,
+            box_head=TwoMLPHead(cfg.fpn_channels * 7 * 7, cfg.representation_size),
+            box_predictor=FastRCNNPredictor(cfg.representation_size, cfg.num_classes),
+            box_score_thresh=cfg.score_thresh,
+            box_nms_thresh=cfg.nms_thresh,
+            box_detections_per_img=cfg.detections_per_img,
+        )
     common = {
-        "min_size": cfg.image_size,
-        "max_size": cfg.image_size,
-        "anchor_generator": cfg.anchor_generator(),
+        **sizes,
+        "anchor_generator": anchor_generator,
         "score_thresh": cfg.score_thresh,
         "nms_thresh": cfg.nms_thresh,
         "detections_per_img": cfg.detections_per_img,
@@ -353,14 +487,15 @@ def build_detector(cfg: DetectorConfig) -> RetinaNet | FCOS:
     }
     if cfg.arch == "fcos":
         return FCOS(backbone, cfg.num_classes, **common)
-    anchors_per_location = common["anchor_generator"].num_anchors_per_location()[0]
+    anchors_per_location = anchor_generator.num_anchors_per_location()[0]
     norm_layer = partial(nn.GroupNorm, 32) if cfg.head_group_norm else None
     head = RetinaNetHead(cfg.fpn_channels, anchors_per_location, cfg.num_classes, norm_layer=norm_layer)
     return RetinaNet(backbone, cfg.num_classes, head=head, **common)
 
 
 def fpn_levels(fpn_output: Mapping[str, Tensor]) -> list[Tensor]:
-    """The FPN's ``OrderedDict`` ('0', '1', '2', 'p6', 'p7') as a list [P3, ..., P7], each [N, C, H_l, W_l].
+    """The FPN's ``OrderedDict`` ('0', '1', '2', 'p6', 'p7'; Faster R-CNN '0'..'3', 'pool') as a list [P3, ...,
+    P7] (or [P2, ..., P6]), each [N, C, H_l, W_l].
 
     torchvision's FPN emits the levels fine to coarse in insertion order, which is also the order the
     detection heads and anchor generator expect.
@@ -375,18 +510,22 @@ def fpn_levels(fpn_output: Mapping[str, Tensor]) -> list[Tensor]:
 
 
 def _level_names(cfg: DetectorConfig) -> list[str]:
-    return [f"P{layer + 1}" for layer in cfg.returned_layers] + [
-        f"P{cfg.returned_layers[-1] + 2}",
-        f"P{cfg.returned_layers[-1] + 3}",
-    ]
+    first = cfg.returned_layers[0] + 1
+    return [f"P{first + k}" for k in range(cfg.num_levels)]
+
+
+def _level_keys(cfg: DetectorConfig) -> list[str]:
+    # the keys of torchvision's FPN output: IntermediateLayerGetter's names, then the extra block's
+    extra = ["pool"] if cfg.arch == "faster_rcnn" else ["p6", "p7"]
+    return [str(i) for i in range(len(cfg.returned_layers))] + extra
 
 
 class DetectorStep(NamedTuple):
     """Everything one detector forward yields for a distillation step.
 
     losses: torchvision's loss dict (scalar tensors).
-    features: FPN levels [P3..P7], each [N, fpn_channels, H_l, W_l] (the tensors the head consumed, with
-        their autograd graph).
+    features: FPN levels [P3..P7] (Faster R-CNN [P2..P6]), each [N, fpn_channels, H_l, W_l] (the tensors the
+        heads consumed, with their autograd graph).
     targets: the targets after the model's transform: ``boxes`` [M, 4] in the coordinates of the resized,
         padded batch (what FGD's foreground masks need), ``labels`` [M].
     image_sizes: per-image (h, w) after resize, before padding.
@@ -401,8 +540,8 @@ class DetectorStep(NamedTuple):
 
 
 def _check_detector(model: nn.Module) -> None:
-    if not isinstance(model, RetinaNet | FCOS):
-        raise TypeError(f"expected a torchvision RetinaNet or FCOS, got {type(model).__name__}")
+    if not isinstance(model, RetinaNet | FCOS | FasterRCNN):
+        raise TypeError(f"expected a torchvision RetinaNet, FCOS or FasterRCNN, got {type(model).__name__}")
 
 
 def _check_targets(targets: Sequence[Mapping[str, Tensor]]) -> None:
@@ -417,43 +556,77 @@ def _check_targets(targets: Sequence[Mapping[str, Tensor]]) -> None:
             raise ValueError(f"target {index}: box {box} has no positive width/height")
 
 
+@contextlib.contextmanager
+def _training_mode(*modules: nn.Module) -> Iterator[None]:
+    # torchvision's RPN and RoIHeads compute losses only when self.training (and then sample anchors and
+    # proposals with the train-time top-n). Neither has BatchNorm or dropout, so switching them alone gives the
+    # train-mode losses while the backbone keeps the model's mode (eval BN for a frozen teacher, as MasKD's
+    # mask-learning stage and mmdet's frozen-BN detectors do).
+    saved = [(m, m.training) for module in modules for m in module.modules()]
+    try:
+        for module in modules:
+            module.train()
+        yield
+    finally:
+        for m, mode in saved:
+            m.training = mode
+
+
+def _rcnn_losses(model: FasterRCNN, image_list, targets_t, keys: list[str], levels: list[Tensor]) -> dict:
+    # Mirrors GeneralizedRCNN.forward in training (torchvision 0.29): RPN, then RoI heads; the same loss dict
+    # order (RoI heads' first, then the RPN's).
+    features = OrderedDict(zip(keys, levels, strict=True))
+    with _training_mode(model.rpn, model.roi_heads):
+        proposals, proposal_losses = model.rpn(image_list, features, targets_t)
+        _, detector_losses = model.roi_heads(features, proposals, image_list.image_sizes, targets_t)
+    return {**detector_losses, **proposal_losses}
+
+
 def _detector_losses(
-    model: RetinaNet | FCOS,
+    model: RetinaNet | FCOS | FasterRCNN,
     images: Sequence[Tensor] | Tensor,
     targets: Sequence[Mapping[str, Tensor]],
     transform_fpn: Callable[[list[Tensor]], list[Tensor]] | None,
 ) -> DetectorStep:
-    # Mirrors RetinaNet.forward / FCOS.forward (torchvision 0.29) in training, keeping the intermediates.
+    # Mirrors RetinaNet.forward / FCOS.forward / GeneralizedRCNN.forward (torchvision 0.29) in training, keeping
+    # the intermediates.
     # Note: in train mode model.transform draws one torch random number per image (torch_choice of min_size)
     # even with a single size, so it advances the global RNG exactly as model(images, targets) does.
     _check_detector(model)
     _check_targets(targets)
     image_list, targets_t = model.transform(list(images), [dict(t) for t in targets])
-    features = fpn_levels(model.backbone(image_list.tensors))
+    fpn_output = model.backbone(image_list.tensors)
+    features = fpn_levels(fpn_output)
     head_input = features
     if transform_fpn is not None:
         head_input = list(transform_fpn(features))
         if [f.shape for f in head_input] != [f.shape for f in features]:
             raise ValueError("transform_fpn must return one tensor per FPN level, each of its input's shape")
-    head_outputs = model.head(head_input)
-    anchors = model.anchor_generator(image_list, head_input)
-    if isinstance(model, FCOS):
-        num_anchors_per_level = [level.size(2) * level.size(3) for level in head_input]
-        losses = model.compute_loss(targets_t, head_outputs, anchors, num_anchors_per_level)
+    if isinstance(model, FasterRCNN):
+        losses = _rcnn_losses(model, image_list, targets_t, list(fpn_output), head_input)
     else:
-        losses = model.compute_loss(targets_t, head_outputs, anchors)
+        head_outputs = model.head(head_input)
+        anchors = model.anchor_generator(image_list, head_input)
+        if isinstance(model, FCOS):
+            num_anchors_per_level = [level.size(2) * level.size(3) for level in head_input]
+            losses = model.compute_loss(targets_t, head_outputs, anchors, num_anchors_per_level)
+        else:
+            losses = model.compute_loss(targets_t, head_outputs, anchors)
     batch_shape = (image_list.tensors.shape[-2], image_list.tensors.shape[-1])
     return DetectorStep(losses, features, targets_t, list(image_list.image_sizes), batch_shape)
 
 
 def detector_train_step(
-    model: RetinaNet | FCOS, images: Sequence[Tensor] | Tensor, targets: Sequence[Mapping[str, Tensor]]
+    model: RetinaNet | FCOS | FasterRCNN,
+    images: Sequence[Tensor] | Tensor,
+    targets: Sequence[Mapping[str, Tensor]],
 ) -> DetectorStep:
     """Task losses and FPN features of one forward (no second backbone pass for distillation).
 
-    ``losses`` equal ``model(images, targets)`` in train mode. Unlike ``model(...)`` it computes losses in
-    eval mode too (the mode then only switches BatchNorm to running statistics), which the MasKD mask-learning
-    stage needs for its frozen teacher.
+    ``losses`` equal ``model(images, targets)`` in train mode (Faster R-CNN: given the same RNG state, since the
+    RPN and RoI heads sample anchors and proposals at random). Unlike ``model(...)`` it computes losses in eval
+    mode too (the mode then only switches BatchNorm to running statistics), which the MasKD mask-learning stage
+    needs for its frozen teacher.
 
     Args:
         images: N images [3, H, W] in [0, 1] (list or a [N, 3, H, W] tensor).
@@ -463,7 +636,7 @@ def detector_train_step(
 
 
 def detector_features_with_masked_forward(
-    model: RetinaNet | FCOS,
+    model: RetinaNet | FCOS | FasterRCNN,
     images: Sequence[Tensor] | Tensor,
     targets: Sequence[Mapping[str, Tensor]],
     transform_fpn: Callable[[list[Tensor]], list[Tensor]],
@@ -471,15 +644,17 @@ def detector_features_with_masked_forward(
     """Task losses with the FPN outputs replaced by ``transform_fpn(features)`` before the head.
 
     MasKD stage 1 (mask learning) replaces the frozen teacher's FPN levels by their token-masked versions and
-    back-propagates the teacher's detection loss into the tokens. ``transform_fpn`` gets [P3..P7] (each
-    [N, C, H_l, W_l]) and must return the same shapes. With the identity the losses equal
+    back-propagates the teacher's detection loss into the tokens. ``transform_fpn`` gets [P3..P7] (Faster R-CNN
+    [P2..P6]; each [N, C, H_l, W_l]) and must return the same shapes; the RPN and the RoI heads both see the
+    transformed levels, as mmdet's neck hook gives them. With the identity the losses equal
     :func:`detector_train_step`'s.
     """
     return _detector_losses(model, images, targets, transform_fpn).losses
 
 
-def forward_features(model: RetinaNet | FCOS, images: Sequence[Tensor] | Tensor) -> list[Tensor]:
-    """FPN levels [P3..P7] of a detector (its transform, then its backbone), each [N, C, H_l, W_l].
+def forward_features(model: RetinaNet | FCOS | FasterRCNN, images: Sequence[Tensor] | Tensor) -> list[Tensor]:
+    """FPN levels [P3..P7] (Faster R-CNN [P2..P6]) of a detector (its transform, then its backbone), each
+    [N, C, H_l, W_l].
 
     For the teacher in a distillation step (call it under ``torch.no_grad()``): no head, anchors or losses.
     """
@@ -492,24 +667,31 @@ def forward_features(model: RetinaNet | FCOS, images: Sequence[Tensor] | Tensor)
 # Segmentation
 # ---------------------------------------------------------------------------------------------------------
 
-SEGMENTATION_ARCHS = ("deeplabv3",)
+SEGMENTATION_ARCHS = ("deeplabv3", "pspnet")
+SEGMENTATION_BACKBONES = (*RESNET_LAYOUTS, "mobilenet_v2")
 
 
 @dataclass(frozen=True)
 class SegmenterConfig:
-    """DeepLabV3 (ASPP head) on a dilated ResNet. Plain values only.
+    """DeepLabV3 (ASPP head) or PSPNet (pyramid pooling head) on a dilated ResNet or MobileNetV2. Plain values.
 
-    Paper scale (Cityscapes, as in CIRKD/CWD/MasKD): teacher ``backbone="resnet101"``, student
-    ``"resnet18"``, ``width=64, aspp_channels=256`` (torchvision's DeepLabHead), ``atrous_rates=(12, 24, 36),
-    num_classes=19`` at 512x1024 crops. The embedded defaults scale these to 128x128 scenes.
+    Paper scale (Cityscapes, as in CIRKD/CWD/MasKD): teacher DeepLabV3 ``backbone="resnet101"``, students
+    DeepLabV3 and PSPNet ``"resnet18"`` and DeepLabV3 ``"mobilenet_v2"``, ``width=64, output_stride=8,
+    atrous_rates=(12, 24, 36), num_classes=19`` at 512x1024 crops, ``aux_loss=True`` for the ResNets (CIRKD's
+    FCN head on layer3, weight 0.4), ``aspp_channels=256`` (torchvision's DeepLabHead; CIRKD's MobileNetV2 head
+    uses 128), ``backbone_weights`` the ImageNet file of the backbone. The embedded defaults scale these to
+    128x128 scenes.
     """
 
     arch: str = "deeplabv3"
     backbone: str = "resnet18"
+    # ResNet: stem/layer1 channels (torchvision: 64). mobilenet_v2: width / 64 is torchvision's width_mult
+    # (64 = the ImageNet model).
     width: int = 64
     # 11 = background + digits 0..9; the label 255 is ignored by the loss (not by the model).
     num_classes: int = 11
     # 8: layer3 and layer4 dilated (DeepLabV3 in the paper's setting); 16: only layer4; 32: none.
+    # mobilenet_v2: the last two downsampling stages (features 7.. and 14..) instead, as CIRKD.
     output_stride: int = 8
     # torchvision's DeepLabHead hard-codes 256; the ASPP and the 3x3 conv after it cost ~1 GMAC per
     # 128-pixel image at 256, so the embedded models use fewer.
@@ -517,18 +699,43 @@ class SegmenterConfig:
     # DeepLab's (12, 24, 36) are for 513-pixel crops at output stride 8 (65-pixel maps); a 128-pixel scene
     # gives a 16-pixel map, where rate 36 only sees padding. Scale the rates with the map.
     atrous_rates: tuple[int, ...] = (12, 24, 36)
-    # torchvision's FCNHead on layer3 (weight 0.4 in the paper's recipe); off by default.
+    # torchvision's FCNHead on layer3 (weight 0.4 in the paper's recipe); off by default. ResNet only (CIRKD's
+    # MobileNetV2 students have none). Its logits are ``aux_out`` of segmenter_forward.
     aux_loss: bool = False
     norm: str = "batchnorm"
+    # --- paper-scale fields (issue 8); their defaults leave the embedded models exactly as they were ---
+    # PSPNet: output channels of the 3x3 conv after the pyramid pooling. 0 = CIRKD's choice: 128 for a 512-channel
+    # layer4 (ResNet-18/34), 256 for 2048 (ResNet-50/101); other widths get layer4 channels / 4 (at most 256).
+    psp_channels: int = 0
+    # A whole trained model's state dict (a teacher), or a torchvision weights name; see DetectorConfig.weights.
+    weights: str = ""
+    # The backbone's ImageNet initialisation: torchvision's resnet file (fc.* ignored) or mobilenet_v2 file
+    # (classifier.* and the unused last 1x1 conv features.18.* ignored). Needs width=64.
+    backbone_weights: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, SEGMENTATION_ARCHS)
-        _check_choice("backbone", self.backbone, list(RESNET_LAYOUTS))
+        _check_choice("backbone", self.backbone, list(SEGMENTATION_BACKBONES))
         _check_choice("norm", self.norm, list(NORM_LAYERS))
         _check_choice("output_stride", self.output_stride, (8, 16, 32))
+        if self.backbone == "mobilenet_v2" and self.aux_loss:
+            raise ValueError("aux_loss needs a ResNet backbone (CIRKD's MobileNetV2 students have no aux head)")
+        if self.psp_channels < 0:
+            raise ValueError(f"psp_channels={self.psp_channels} must be 0 (CIRKD's choice) or positive")
 
     def dilate(self) -> tuple[bool, bool, bool]:
         return {8: (False, True, True), 16: (False, False, True), 32: (False, False, False)}[self.output_stride]
+
+    def backbone_channels(self) -> int:
+        """Channels of the distilled ``backbone`` feature (ResNet layer4, or MobileNetV2's 320-channel block)."""
+        if self.backbone == "mobilenet_v2":
+            return _make_divisible(320 * self.width / 64, 8)
+        block, _ = RESNET_LAYOUTS[self.backbone]
+        return self.width * 8 * block.expansion
+
+    def backbone_module(self) -> str:
+        """Name of the module whose output is the ``backbone`` feature."""
+        return f"backbone.{MOBILENET_V2_LAST}" if self.backbone == "mobilenet_v2" else "backbone.layer4"
 
 
 def _deeplab_head(in_channels: int, num_classes: int, channels: int, atrous_rates: Sequence[int]) -> nn.Sequential:
@@ -543,25 +750,111 @@ def _deeplab_head(in_channels: int, num_classes: int, channels: int, atrous_rate
     )
 
 
-def build_segmenter(cfg: SegmenterConfig) -> DeepLabV3:
-    """Build a randomly initialised torchvision ``DeepLabV3`` described by ``cfg``.
+class PyramidPooling(nn.Module):
+    """PSPNet's pyramid pooling module (Zhao et al., CVPR 2017), as CIRKD's ``_PyramidPooling``.
+
+    For each bin b in (1, 2, 3, 6): average-pool to b x b, 1x1 conv to C/4 channels, BN, ReLU, and upsample back
+    (bilinear, ``align_corners=True`` as CIRKD); the input and the four maps are concatenated.
+    Shapes: [N, C, h, w] -> [N, 2C, h, w] (four bins of C/4 each).
+    """
+
+    def __init__(self, in_channels: int, bins: Sequence[int] = (1, 2, 3, 6)) -> None:
+        super().__init__()
+        reduced = in_channels // len(bins)
+        self.stages = nn.ModuleList(
+            nn.Sequential(
+                nn.AdaptiveAvgPool2d(b),
+                nn.Conv2d(in_channels, reduced, 1, bias=False),
+                nn.BatchNorm2d(reduced),
+                nn.ReLU(inplace=True),
+            )
+            for b in bins
+        )
+        self.out_channels = in_channels + reduced * len(bins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        size = x.shape[-2:]
+        pooled = [F.interpolate(stage(x), size, mode="bilinear", align_corners=True) for stage in self.stages]
+        return torch.cat([x, *pooled], dim=1)
+
+
+def _psp_head(in_channels: int, num_classes: int, channels: int) -> nn.Sequential:
+    # CIRKD's _PSPHead: pyramid pooling, 3x3 conv + BN + ReLU + Dropout(0.1), 1x1 classifier. classifier.5 gives
+    # the logits (the distilled ``logits`` are the whole head's output, as for DeepLabV3).
+    psp = PyramidPooling(in_channels)
+    return nn.Sequential(
+        psp,
+        nn.Conv2d(psp.out_channels, channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.1),
+        nn.Conv2d(channels, num_classes, 1),
+    )
+
+
+class PSPNet(_SimpleSegmentationModel):
+    """torchvision's segmentation container (backbone -> classifier -> bilinear upsampling, optional aux head)
+    with a PSP head as ``classifier``; the same interface as torchvision's ``DeepLabV3`` and ``FCN``."""
+
+
+#: index of MobileNetV2's last inverted-residual block (320 channels) in ``mobilenet_v2().features``; the 1x1
+#: conv to 1280 channels after it (index 18) is for classification and is not used (as CIRKD).
+MOBILENET_V2_LAST = 17
+
+
+def _dilate_mobilenet_v2(features: nn.Sequential, output_stride: int) -> None:
+    # CIRKD's MobileNetV2Dilated._nostride_dilate: blocks 7.. (stride 16) and 14.. (stride 32) lose their
+    # stride-2; a stage's first (formerly strided) 3x3 conv gets half the stage's dilation, the others all of it,
+    # so output stride 8 gives dilations 1, 2 (blocks 7-13) and 2, 4 (blocks 14-17). Convs read stride,
+    # padding and dilation at forward time, so changing them in place keeps the parameters and keys.
+    stages = {8: ((7, 14, 2), (14, MOBILENET_V2_LAST + 1, 4)), 16: ((14, MOBILENET_V2_LAST + 1, 2),), 32: ()}
+    for start, stop, dilation in stages[output_stride]:
+        for index in range(start, stop):
+            for conv in features[index].modules():
+                if not isinstance(conv, nn.Conv2d) or conv.kernel_size != (3, 3):
+                    continue
+                rate = dilation // 2 if conv.stride == (2, 2) else dilation
+                conv.stride, conv.dilation, conv.padding = (1, 1), (rate, rate), (rate, rate)
+
+
+def _mobilenet_v2_body(cfg: SegmenterConfig) -> nn.Sequential:
+    # torchvision's MobileNetV2 features (keys 0..17 of features.*, so its ImageNet file loads), dilated.
+    net = mobilenet_v2(weights=None, width_mult=cfg.width / 64, norm_layer=NORM_LAYERS[cfg.norm])
+    features = net.features[: MOBILENET_V2_LAST + 1]
+    _dilate_mobilenet_v2(features, cfg.output_stride)
+    return features
+
+
+def build_segmenter(cfg: SegmenterConfig) -> DeepLabV3 | PSPNet:
+    """Build a randomly initialised torchvision ``DeepLabV3`` (or :class:`PSPNet`) described by ``cfg``.
 
     ``model(images)`` with images [N, 3, H, W] returns ``{"out": logits [N, K, H, W]}`` (plus ``"aux"`` with
     ``aux_loss``), bilinearly upsampled from stride ``output_stride``. ``model.classifier`` outputs the
     pre-upsampling logits [N, K, H/8, W/8] that MasKD distils. As in torchvision, the model does not normalise
-    its input: the caller feeds normalised images.
+    its input: the caller feeds normalised images. Weight files are applied by :func:`build_model`, not here.
     """
-    body = build_resnet_body(cfg.backbone, width=cfg.width, dilate=cfg.dilate(), norm=cfg.norm)
-    return_layers = {"layer4": "out"}
     aux_classifier = None
-    if cfg.aux_loss:
-        return_layers["layer3"] = "aux"
-        aux_classifier = FCNHead(body.stage_channels[2], cfg.num_classes)
-    backbone = IntermediateLayerGetter(body, return_layers=return_layers)
-    classifier = _deeplab_head(body.stage_channels[3], cfg.num_classes, cfg.aspp_channels, cfg.atrous_rates)
-    model = DeepLabV3(backbone, classifier, aux_classifier)
-    # Recorded so feature_info-style consumers can read the stage layout off the model too.
-    model.stage_channels = body.stage_channels
+    if cfg.backbone == "mobilenet_v2":
+        backbone = IntermediateLayerGetter(_mobilenet_v2_body(cfg), return_layers={str(MOBILENET_V2_LAST): "out"})
+        stage_channels = None
+    else:
+        body = build_resnet_body(cfg.backbone, width=cfg.width, dilate=cfg.dilate(), norm=cfg.norm)
+        return_layers = {"layer4": "out"}
+        if cfg.aux_loss:
+            return_layers["layer3"] = "aux"
+            aux_classifier = FCNHead(body.stage_channels[2], cfg.num_classes)
+        backbone = IntermediateLayerGetter(body, return_layers=return_layers)
+        stage_channels = body.stage_channels
+    in_channels = cfg.backbone_channels()
+    if cfg.arch == "pspnet":
+        channels = cfg.psp_channels or min(in_channels // 4, 256)
+        model = PSPNet(backbone, _psp_head(in_channels, cfg.num_classes, channels), aux_classifier)
+    else:
+        classifier = _deeplab_head(in_channels, cfg.num_classes, cfg.aspp_channels, cfg.atrous_rates)
+        model = DeepLabV3(backbone, classifier, aux_classifier)
+    if stage_channels is not None:
+        # Recorded so feature_info-style consumers can read the stage layout off the model too.
+        model.stage_channels = stage_channels
     return model
 
 
@@ -574,13 +867,13 @@ def _upsample(logits: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def _segmenter_forward(
-    model: DeepLabV3,
+    model: _SimpleSegmentationModel,
     images: Tensor,
     transform_logits: Callable[[Tensor], Tensor] | None,
     transform_backbone: Callable[[Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    if not isinstance(model, DeepLabV3):
-        raise TypeError(f"expected a torchvision DeepLabV3, got {type(model).__name__}")
+    if not isinstance(model, _SimpleSegmentationModel):
+        raise TypeError(f"expected a torchvision DeepLabV3 (or PSPNet), got {type(model).__name__}")
     size = images.shape[-2:]
     features = model.backbone(images)
     head_input = features["out"] if transform_backbone is None else transform_backbone(features["out"])
@@ -592,7 +885,7 @@ def _segmenter_forward(
     return _upsample(head_logits, size), extras
 
 
-def segmenter_forward(model: DeepLabV3, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def segmenter_forward(model: DeepLabV3 | PSPNet, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """One forward without hooks: upsampled logits and the distillable features.
 
     Args:
@@ -600,13 +893,14 @@ def segmenter_forward(model: DeepLabV3, images: Tensor) -> tuple[Tensor, dict[st
     Returns:
         ``out`` [N, K, H, W] (equal to ``model(images)["out"]``) and a dict with ``logits`` [N, K, h, w]
         (classifier output before upsampling, h = ceil(H / output_stride)), ``backbone`` [N, C4, h, w]
-        (layer4 output) and, with an aux head, ``aux_out`` [N, K, H, W].
+        (layer4 output, or MobileNetV2's last block) and, with an aux head, ``aux_out`` [N, K, H, W] (the FCN
+        head on layer3, upsampled: the paper's recipe adds 0.4 x its cross-entropy to the task loss).
     """
     return _segmenter_forward(model, images, None)
 
 
 def segmenter_masked_forward(
-    model: DeepLabV3,
+    model: DeepLabV3 | PSPNet,
     images: Tensor,
     transform_logits: Callable[[Tensor], Tensor] | None,
     transform_backbone: Callable[[Tensor], Tensor] | None = None,
@@ -630,22 +924,21 @@ def segmenter_masked_forward(
 def feature_info(cfg: DetectorConfig | SegmenterConfig) -> dict[str, FeatureSpec]:
     """Declared distillation features of the model ``cfg`` builds, in order (no forward needed).
 
-    Detection: ``P3``..``P7`` -> ``FeatureSpec("backbone.fpn", fpn_channels, 8..128, key "0".."p7")``.
+    Detection: ``P3``..``P7`` -> ``FeatureSpec("backbone.fpn", fpn_channels, 8..128, key "0".."p7")``
+    (Faster R-CNN: ``P2``..``P6``, strides 4..64, keys "0".."3", "pool").
     Segmentation: ``logits`` -> ``("classifier", num_classes, output_stride)`` and
-    ``backbone`` -> ``("backbone.layer4", layer4 channels, output_stride)``.
+    ``backbone`` -> ``("backbone.layer4", layer4 channels, output_stride)`` (MobileNetV2: ``backbone.17``, 320
+    channels at width 64).
     """
     if isinstance(cfg, DetectorConfig):
-        keys = [str(i) for i in range(len(cfg.returned_layers))] + ["p6", "p7"]
         return {
             name: FeatureSpec("backbone.fpn", cfg.fpn_channels, stride, key)
-            for name, stride, key in zip(_level_names(cfg), cfg.level_strides(), keys, strict=True)
+            for name, stride, key in zip(_level_names(cfg), cfg.level_strides(), _level_keys(cfg), strict=True)
         }
     if isinstance(cfg, SegmenterConfig):
-        block, _ = RESNET_LAYOUTS[cfg.backbone]
-        backbone_channels = cfg.width * 8 * block.expansion
         return {
             "logits": FeatureSpec("classifier", cfg.num_classes, cfg.output_stride),
-            "backbone": FeatureSpec("backbone.layer4", backbone_channels, cfg.output_stride),
+            "backbone": FeatureSpec(cfg.backbone_module(), cfg.backbone_channels(), cfg.output_stride),
         }
     raise TypeError(f"expected a DetectorConfig or SegmenterConfig, got {type(cfg).__name__}")
 
@@ -658,13 +951,50 @@ def feature_shape(spec: FeatureSpec, batch: int, height: int, width: int) -> tup
     return (batch, spec.channels, math.ceil(height / spec.stride), math.ceil(width / spec.stride))
 
 
-def build_model(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
-    """:func:`build_detector` or :func:`build_segmenter`, by config type."""
+def build_architecture(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
+    """The randomly initialised model ``cfg`` describes, without its weight files (:func:`build_model` less the
+    loading); on ``torch.device("meta")`` it costs no memory (weights.py checks files against it)."""
     if isinstance(cfg, DetectorConfig):
         return build_detector(cfg)
     if isinstance(cfg, SegmenterConfig):
         return build_segmenter(cfg)
     raise TypeError(f"expected a DetectorConfig or SegmenterConfig, got {type(cfg).__name__}")
+
+
+def build_model(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
+    """:func:`build_detector` or :func:`build_segmenter`, by config type, then the config's weight files:
+    ``backbone_weights`` into the backbone body, then ``weights`` into the whole model (both strict; a file that
+    does not fit raises :class:`experiments.engine.weights.WeightsError`)."""
+    model = build_architecture(cfg)
+    if cfg.weights or cfg.backbone_weights:
+        from .weights import apply_weights  # weights.py imports this module
+
+        apply_weights(model, cfg)
+    return model
+
+
+#: Config fields added for the paper-scale models (issue 8). At their defaults they change nothing, so a stage
+#: hash may leave them out (:func:`hash_spec`) and keep matching the runs cached before the fields existed.
+PAPER_SCALE_FIELDS = frozenset(
+    {
+        "extra_levels_from",
+        "p7_relu",
+        "max_size",
+        "multiscale_short",
+        "trainable_layers",
+        "representation_size",
+        "psp_channels",
+        "weights",
+        "backbone_weights",
+    }
+)
+
+
+def hash_spec(cfg: DetectorConfig | SegmenterConfig) -> dict:
+    """``dataclasses.asdict(cfg)`` without the :data:`PAPER_SCALE_FIELDS` that are at their defaults: the same
+    dict as before those fields existed for every embedded manifest, so its stage hashes (and caches) survive."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PAPER_SCALE_FIELDS or v != defaults[k]}
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -25,7 +25,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,12 +40,15 @@ from ..tables.figures import mask_grid_png
 from ..tasks import get_task
 from . import checkpoints as ckpt
 from . import stages
+from .distributed import leading
 from .fingerprint import code_fingerprint
 from .locks import claim_timeout, file_lock
 from .manifest import Manifest, digest
 from .paths import cache_root
+from .runtime import distributed
 from .tokens import token_features
 from .tracking import Tracker
+from .training import Resume, geometry
 
 #: Default of :class:`Pipeline`'s ``reuse_stale`` (the command line sets it from ``--reuse-stale``).
 REUSE_STALE = False
@@ -75,14 +79,38 @@ def _asdict(obj: Any) -> Any:
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
 
 
+def _model_spec(cfg: Any) -> Any:
+    """A model config for hashing: with the content (sha256) of every weight file it names, so a replaced file
+    is a different stage (the path alone is not)."""
+    from .models import hash_spec
+    from .weights import weight_file_digests
+
+    spec = hash_spec(cfg)  # the paper-scale fields only when set: embedded hashes stay what they were
+    files = weight_file_digests(cfg)
+    return {**spec, "weight_files": files} if files else spec
+
+
+#: Training keys that never change a stage's result: resume is exact, so when checkpoints are written is not hashed;
+#: how the batch is laid out over devices enters through :meth:`~.training.Geometry.hash_part` instead.
+UNHASHED_TRAIN_KEYS = ("checkpoint_every", "batch_per_device", "batch_scaling", "sync_bn")
+
+
+def train_spec(cfg: Any, section: str) -> dict[str, Any]:
+    """A training section for hashing: without :data:`UNHASHED_TRAIN_KEYS`, plus the batch geometry in this job
+    when it is not one forward of the whole batch (so the hashes of runs from before these keys stand)."""
+    spec = {k: v for k, v in _asdict(cfg).items() if k not in UNHASHED_TRAIN_KEYS}
+    part = geometry(cfg, section).hash_part()
+    return {**spec, "geometry": part} if part is not None else spec
+
+
 def teacher_hash(m: Manifest) -> str:
     return digest(
         {
             "stage": "teacher",
             "task": m.task,
             "data": _asdict(m.data),
-            "model": _asdict(m.teacher),
-            "train": _asdict(m.teacher_train),
+            "model": _model_spec(m.teacher),
+            "train": train_spec(m.teacher_train, "teacher_train"),
             "seed": 0,
         }
     )
@@ -93,7 +121,7 @@ def tokens_hash(m: Manifest) -> str:
         {
             "stage": "tokens",
             "teacher": teacher_hash(m),
-            "tokens": _asdict(m.tokens),
+            "tokens": train_spec(m.tokens, "tokens"),
             "features": token_features(m),
             "seed": 0,
         }
@@ -105,8 +133,8 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
         "stage": "student",
         "task": m.task,
         "data": _asdict(m.data),
-        "model": _asdict(m.student),
-        "train": _asdict(m.student_train),
+        "model": _model_spec(m.student),
+        "train": train_spec(m.student_train, "student_train"),
         "method": method,
         "seed": seed,
     }
@@ -119,6 +147,8 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
             cfg=_asdict(getattr(m, method)),
             **plugin.hash_inputs(m),
         )
+        if m.distill.init_from_teacher:  # only when set, so the hashes of existing runs stay what they were
+            spec["init_from_teacher"] = list(m.distill.init_from_teacher)
         if plugin.uses_tokens(m):
             spec["tokens"] = tokens_hash(m)
     return digest(spec)
@@ -140,6 +170,15 @@ def stage_key(config_hash: str, fingerprint: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ running
+@dataclass(frozen=True)
+class Resumable:
+    """An abandoned run to continue and the checkpoint (after ``step`` optimizer steps) to continue it from."""
+
+    run_id: str
+    state: dict[str, Any]
+    step: int
+
+
 @dataclass
 class StageOutcome:
     run_id: str
@@ -167,6 +206,7 @@ class Pipeline:
         self.checkpoints = cache_root() / "checkpoints"
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         self.claims = cache_root() / "claims"
+        self.resumes = cache_root() / "resume"
         #: Tags added to every child run and reuse record (e.g. ``ablation``/``variant``), and a run-name prefix.
         self.labels: dict[str, str] = {}
         self.prefix = ""
@@ -321,17 +361,17 @@ class Pipeline:
             reused = self._reused(*args)  # computed by another process while this one waited
             if reused is not None:
                 return reused
-            self.tracker.fail_abandoned(h, "teacher", fp)
             cached = self._checkpoint(None, key, "teacher", validate) if self.reuse else None
-            with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id) as active:
-                rid = active.info.run_id
-                self._log_manifest(rid, m)
+            resumed = self._resumable("teacher", key, h, fp) if cached is None else None
+            self.tracker.fail_abandoned(h, "teacher", fp, keep=resumed and resumed.run_id)
+            section = (m.teacher_train, "teacher_train")
+            with self._stage_run("teacher", key, name, tags, m, parent_id, resumed, *section) as (rid, resume):
                 with stages.use_runtime(self.runtime):
                     if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
                         self.tracker.client.set_tag(rid, "from_cache", "true")
                         result = stages.evaluate_state(m, "teacher", cached, self.progress)
                     else:
-                        result = stages.train_model(m, "teacher", 0, self._logger(rid), self.progress)
+                        result = self._train("train_model", dict(manifest=m, role="teacher", seed=0), rid, resume)
                 path, sha = self._save_checkpoint(result.state_dict, key, "teacher")
                 self.tracker.client.set_tag(rid, "checkpoint_sha256", sha)
                 self._log_artifact_as(rid, path, "checkpoint", "teacher.pt")
@@ -356,12 +396,12 @@ class Pipeline:
             reused = self._reused(*args)
             if reused is not None:
                 return reused
-            self.tracker.fail_abandoned(h, "tokens", fp)
-            with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id) as active:
-                rid = active.info.run_id
-                self._log_manifest(rid, m)
+            resumed = self._resumable("tokens", key, h, fp)
+            self.tracker.fail_abandoned(h, "tokens", fp, keep=resumed and resumed.run_id)
+            with self._stage_run("tokens", key, name, tags, m, parent_id, resumed, m.tokens, "tokens") as (rid, resume):
                 with stages.use_runtime(self.runtime):
-                    result = stages.learn_tokens(m, teacher_state, 0, self._logger(rid), self.progress)
+                    job = dict(manifest=m, teacher_state=teacher_state, seed=0)
+                    result = self._train("learn_tokens", job, rid, resume)
                     path, sha = self._save_checkpoint(result.state_dict, key, "tokens")
                     self.tracker.client.set_tag(rid, "checkpoint_sha256", sha)
                     self._log_artifact_as(rid, path, "checkpoint", "tokens.pt")
@@ -386,14 +426,15 @@ class Pipeline:
             reused = self._reused("student", h, fp, name, parent_id)
             if reused is not None:
                 return reused
-            self.tracker.fail_abandoned(h, "student", fp)
-            with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id) as active:
-                rid = active.info.run_id
-                self._log_manifest(rid, m)
+            resumed = self._resumable("student", key, h, fp)
+            self.tracker.fail_abandoned(h, "student", fp, keep=resumed and resumed.run_id)
+            section = (m.student_train, "student_train")
+            with self._stage_run("student", key, name, tags, m, parent_id, resumed, *section) as (rid, resume):
                 with stages.use_runtime(self.runtime):
-                    result = stages.train_student(
-                        m, method, seed, teacher_state, token_state, self._logger(rid), self.progress
+                    job = dict(
+                        manifest=m, method=method, seed=seed, teacher_state=teacher_state, token_state=token_state
                     )
+                    result = self._train("train_student", job, rid, resume)
                 self.tracker.log_metrics(rid, result.metrics)
                 with tempfile.TemporaryDirectory() as tmp:
                     path = Path(tmp) / "student.pt"
@@ -403,6 +444,75 @@ class Pipeline:
                 if "masks" in result.extra:
                     self._log_masks(rid, result.extra["masks"], m)
         return StageOutcome(rid, result.metrics, None, False)
+
+    # ---------------------------------------------------------------------------------------- training, resume
+    def _resume_checkpoints(self, kind: str, key: str) -> ckpt.ResumeCheckpoints:
+        return ckpt.ResumeCheckpoints(self.resumes / f"{kind}-{key}")
+
+    def _resumable(self, kind: str, key: str, config_hash: str, fingerprint: str) -> Resumable | None:
+        """The unfinished run of stage ``key`` to continue and its newest good resume checkpoint, or None.
+
+        Called by the holder of the stage's claim, so no live process on this cache is computing it: a run left
+        RUNNING (its process was killed) or FAILED (interrupted, or a crash) is abandoned. A checkpoint is
+        used only for a run of this store with this stage's tags, written by as many processes as this job has."""
+        found = self._resume_checkpoints(kind, key).latest(_say)
+        if found is None:
+            return None
+        state, path = found
+        run_id = str(state.get("run_id", ""))
+        try:
+            run = self.tracker.client.get_run(run_id)
+        except Exception:  # not in this store
+            run = None
+        tags = run.data.tags if run is not None else {}
+        ours = {"kind": kind, "config_hash": config_hash, "code_fingerprint": fingerprint}
+        if (
+            run is None
+            or run.info.status not in ("RUNNING", "FAILED")
+            or run.info.lifecycle_stage != "active"
+            or any(tags.get(k) != v for k, v in ours.items())
+        ):
+            _say(f"resume: {path} is of run {run_id}, not an unfinished {kind} run of this store; starting at step 0")
+            return None
+        processes = distributed().world_size
+        if int(state.get("world_size", 1)) != processes:
+            _say(f"resume: {path} was written by {state.get('world_size')} processes, not {processes}; starting at 0")
+            return None
+        return Resumable(run_id, state, int(state["step"]))
+
+    @contextmanager
+    def _stage_run(
+        self, kind: str, key: str, name: str, tags, m: Manifest, parent_id: str, resumed, cfg, section: str
+    ) -> Iterator[tuple[str, Resume]]:
+        """The stage's MLflow run (``resumed``: the abandoned one, RUNNING again) with its batch geometry in its
+        tags, and the :class:`Resume` of its training; the resume checkpoints are dropped once it finished."""
+        checkpoints = self._resume_checkpoints(kind, key)
+        tags = {**tags, **geometry(cfg, section).tags()}
+        resume_id = resumed.run_id if resumed is not None else None
+        with self.tracker.run(self.prefix + name, tags, m.flat(), parent_id, resume_id=resume_id) as active:
+            rid = active.info.run_id
+            if resumed is None:
+                checkpoints.clear()  # another store's, or an older code's: never continued
+                self._log_manifest(rid, m)
+            else:
+                self.tracker.client.set_tag(rid, "resumed_from_step", str(resumed.step))
+                _say(f"resumed {self.prefix + name} from step {resumed.step}")
+            every = getattr(cfg, "checkpoint_every", 0)
+            state = resumed.state if resumed is not None else None
+            yield rid, Resume(every, state, self._resume_saver(checkpoints, rid, self.prefix + name))
+        checkpoints.clear()
+
+    def _resume_saver(self, checkpoints: ckpt.ResumeCheckpoints, rid: str, name: str):
+        def save(state: dict[str, Any], step: int) -> None:
+            path = checkpoints.save({**state, "run_id": rid, "run_name": name}, step)
+            self._log_artifact_as(rid, path, "resume", "last.pt")  # the newest only: overwritten each time
+
+        return save
+
+    def _train(self, stage: str, kwargs: dict[str, Any], rid: str, resume: Resume) -> stages.StageResult:
+        """Stage function ``stage`` of :mod:`.stages` (in a torchrun job, sent to the other processes first)."""
+        with leading(stage, kwargs, resume):
+            return getattr(stages, stage)(**kwargs, log=self._logger(rid), progress=self.progress, resume=resume)
 
     def _log_artifact_as(self, run_id: str, path: Path, artifact_dir: str, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,5 @@
-"""Where stages run: the device and precision (:class:`Runtime`), moving batches there and checkpoints back.
+"""Where stages run: the device and precision (:class:`Runtime`), the processes of a ``torchrun`` job
+(:class:`Distributed`), moving batches there and checkpoints back.
 
 Checkpoints and metrics always come back on the CPU, so a run on ``cuda`` is reused by a run on ``cpu``.
 """
@@ -12,7 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+
+AMP_MODES = ("none", "bf16", "fp16")
 
 
 class RuntimeConfigError(ValueError):
@@ -21,16 +25,17 @@ class RuntimeConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where the stages run: ``device`` (``cpu``, ``cuda``, ``cuda:1``) and ``amp`` (``none`` or ``bf16``: the
-    forward passes and losses under ``torch.autocast`` in bfloat16, optimizer and checkpoints in float32).
-    Checkpoints and metrics come back on the CPU whatever the device."""
+    """Where the stages run: ``device`` (``cpu``, ``cuda``, ``cuda:1``) and ``amp``: ``none``, ``bf16`` (the
+    forward passes and losses under ``torch.autocast`` in bfloat16) or ``fp16`` (autocast in float16 with a
+    ``GradScaler``, whose skipped steps on overflowing gradients are expected); optimizer and checkpoints stay
+    float32. Checkpoints and metrics come back on the CPU whatever the device."""
 
     device: str = "cpu"
     amp: str = "none"
 
     def __post_init__(self) -> None:
-        if self.amp not in ("none", "bf16"):
-            raise RuntimeConfigError(f"amp = {self.amp!r}; allowed: 'none', 'bf16'")
+        if self.amp not in AMP_MODES:
+            raise RuntimeConfigError(f"amp = {self.amp!r}; allowed: {', '.join(map(repr, AMP_MODES))}")
         try:
             kind = torch.device(self.device).type
         except RuntimeError:
@@ -41,7 +46,12 @@ class Runtime:
             raise RuntimeConfigError(f"device = {self.device!r}; allowed: cpu, cuda, cuda:N")
 
     def autocast(self):
-        return torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.amp == "bf16")
+        dtype = torch.float16 if self.amp == "fp16" else torch.bfloat16
+        return torch.autocast(torch.device(self.device).type, dtype=dtype, enabled=self.amp != "none")
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        """fp16's loss scaler (a no-op pass-through for ``none`` and ``bf16``, whose range needs none)."""
+        return torch.amp.GradScaler(torch.device(self.device).type, enabled=self.amp == "fp16")
 
 
 _RUNTIME: ContextVar[Runtime | None] = ContextVar("maskd_bench_runtime", default=None)
@@ -89,3 +99,68 @@ def synchronize() -> None:
 def seed_everything(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------ torchrun processes
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job: ``rank`` of ``world_size`` processes, ``local_rank`` on its
+    host (its GPU), ``device_type`` of the job. A single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device_type: str = "cpu"
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+_DISTRIBUTED = Distributed()
+_CONTROL: Any = None  # the process group of object messages (gloo, also beside nccl); None: the default group
+
+
+def set_distributed(value: Distributed, control: Any = None) -> None:
+    """Set by :mod:`.distributed` once the process group exists (and back to one process when it ends)."""
+    global _DISTRIBUTED, _CONTROL
+    _DISTRIBUTED, _CONTROL = value, control
+
+
+def distributed() -> Distributed:
+    return _DISTRIBUTED
+
+
+def control_group() -> Any:
+    return _CONTROL
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true in any process of the job (every process must call it at the same point)."""
+    if not _DISTRIBUTED.active:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def mean_over_processes(values: Tensor) -> Tensor:
+    """``values`` averaged over the processes of the job (every process must call it at the same point)."""
+    if not _DISTRIBUTED.active:
+        return values
+    values = values.to(device())
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values / _DISTRIBUTED.world_size
+
+
+def gather_to_main(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` in rank order on rank 0 (None elsewhere); just ``[obj]`` in one process."""
+    if not _DISTRIBUTED.active:
+        return [obj]
+    out = [None] * _DISTRIBUTED.world_size if _DISTRIBUTED.main else None
+    dist.gather_object(obj, out, dst=0, group=_CONTROL)
+    return out

@@ -13,23 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from maskd import MaskLearning
 
 from ..tasks import get_task
 from .recorder import FeatureRecorder
-from .runtime import cpu_state, current_runtime, device, seed_everything, to_device
-from .training import (
-    MetricLogger,
-    StageResult,
-    build_optimizer,
-    check_finite,
-    freeze,
-    infinite_batches,
-    load_model,
-    lr_factor,
-)
+from .runtime import cpu_state, device, seed_everything, to_device
+from .training import MetricLogger, Resume, StageResult, fit, freeze, load_model
 
 TOKEN_METHOD = "maskd"  # the method whose features the tokens look at
 
@@ -49,45 +39,55 @@ def build_mask_learner(manifest) -> MaskLearning:
     ).to(device())
 
 
+class TokenStep(nn.Module):
+    """Stage 1's forward: the frozen teacher's task losses with its features ``names`` replaced by the
+    token-masked ones, and the Dice terms that keep the masks apart. Only the learner is a submodule (what DDP
+    wraps with several processes); the teacher is kept in a tuple, outside, and in eval mode at every step (BatchNorm
+    included), as MasKDHook.before_train_iter."""
+
+    def __init__(self, manifest, teacher: nn.Module, learner: MaskLearning, names: list[str]) -> None:
+        super().__init__()
+        self.learner = learner
+        self._teacher = (teacher,)
+        self.manifest = manifest
+        self.names = names
+
+    def forward(self, images, targets, step: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        teacher = self._teacher[0].eval()
+        task = get_task(self.manifest.task)
+        losses, out = task.masked_losses(teacher, self.learner, self.manifest, self.names, images, targets)
+        terms = {f"loss/{k}": v.float() for k, v in losses.items()}
+        dice = {f"loss/dice/{n}": self.learner.dice_weight * d.float() for n, d in zip(self.names, out.dice)}
+        terms.update(dice)
+        logged = {"loss/dice": sum(v.detach() for v in dice.values())}
+        logged.update({f"dice/level{i}": d.detach().float() for i, d in enumerate(out.dice)})
+        return terms, logged
+
+
 def learn_tokens(
-    manifest, teacher_state: dict[str, Tensor], seed: int, log: MetricLogger, progress: bool = True
+    manifest,
+    teacher_state: dict[str, Tensor],
+    seed: int,
+    log: MetricLogger,
+    progress: bool = True,
+    resume: Resume | None = None,
+    evaluate: bool = True,
 ) -> StageResult:
-    """Stage 1: receptive tokens on the frozen teacher. Returns the token state_dict and diagnostics."""
+    """Stage 1: receptive tokens on the frozen teacher. Returns the token state_dict and diagnostics
+    (``evaluate``: the processes of a torchrun job other than rank 0 train only)."""
     cfg = manifest.tokens
     task = get_task(manifest.task)
-    runtime = current_runtime()
     seed_everything(seed)
     teacher = freeze(load_model(manifest, "teacher", teacher_state))
     learner = build_mask_learner(manifest)
     names = token_features(manifest)
-    train_set, val_set, gt = task.datasets(manifest)
-    optimizer = build_optimizer(learner.parameters(), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    batches = infinite_batches(train_set, cfg.batch_size, task.collate, seed)
-    learner.train()
     run = f"{manifest.task}/tokens"
-    bar = tqdm(range(cfg.iterations), desc=run, disable=not progress, dynamic_ncols=True, leave=False)
-    for step in bar:
-        images, targets = to_device(next(batches))
-        teacher.eval()  # BatchNorm in eval mode every iteration, as MasKDHook.before_train_iter
-        with runtime.autocast():
-            losses, out = task.masked_losses(teacher, learner, manifest, names, images, targets)
-            terms = {f"loss/{k}": v.float() for k, v in losses.items()}
-            terms.update({f"loss/dice/{n}": learner.dice_weight * d.float() for n, d in zip(names, out.dice)})
-        check_finite(terms, step, run)
-        total = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 10 == 0 or step == cfg.iterations - 1:
-            values = {k: v.item() for k, v in terms.items()}
-            values["loss/dice"] = sum(values[f"loss/dice/{n}"] for n in names)
-            values.update({"loss/total": total.item(), "lr": optimizer.param_groups[0]["lr"]})
-            values.update({f"dice/level{i}": d.item() for i, d in enumerate(out.dice)})
-            log(values, step)
-            bar.set_postfix(loss=f"{values['loss/total']:.3f}")
+    step_module = TokenStep(manifest, teacher, learner, names)
+    fit(step_module, {"tokens": learner}, manifest, cfg, "tokens", seed, log, run, progress, resume, False, 10)
+    if not evaluate:
+        return StageResult({}, {})
     learner.eval()
+    _, val_set, gt = task.datasets(manifest)
     metrics = token_diagnostics(manifest, teacher, learner, val_set, gt, progress)
     return StageResult(metrics, cpu_state(learner))
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Run, RunStatus
+from mlflow.entities import Run, RunStatus, RunTag
 from mlflow.tracking import MlflowClient
 
 from .locks import store_setup_lock
@@ -131,15 +131,20 @@ class Tracker:
                 return run
         return None
 
-    def fail_abandoned(self, config_hash: str, kind: str, fingerprint: str | None = None) -> list[str]:
-        """Mark this host's RUNNING runs of ``kind``/``config_hash`` FAILED. Called by the holder of that hash's
-        claim: a live owner would hold the claim, so such a run was left by a killed process. Returns their ids."""
+    def fail_abandoned(
+        self, config_hash: str, kind: str, fingerprint: str | None = None, keep: str | None = None
+    ) -> list[str]:
+        """Mark this host's RUNNING runs of ``kind``/``config_hash`` FAILED, but ``keep`` (the run about to be
+        resumed). Called by the holder of that hash's claim: a live owner would hold the claim, so such a run was
+        left by a killed process. Returns their ids."""
         where = f"tags.config_hash = '{config_hash}' and tags.kind = '{kind}' and attributes.status = 'RUNNING'"
         if fingerprint is not None:
             where += f" and tags.code_fingerprint = '{fingerprint}'"
         host, failed = socket.gethostname(), []
         for run in self.client.search_runs([self.experiment_id], filter_string=where, max_results=1000):
             if run.data.tags.get("host") != host or run.data.tags.get("pid") == str(os.getpid()):
+                continue
+            if run.info.run_id == keep:
                 continue
             self.client.set_tag(run.info.run_id, "failure", "abandoned: its process ended without closing the run")
             self.client.set_terminated(run.info.run_id, status="FAILED")
@@ -186,14 +191,23 @@ class Tracker:
         tags: Mapping[str, Any],
         params: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        resume_id: str | None = None,
     ) -> Iterator[mlflow.ActiveRun]:
-        """Start a run (nested under ``parent_run_id`` if given). It ends FINISHED when the block completes and
-        FAILED (with the error as a tag) when it raises, KeyboardInterrupt and SystemExit included."""
+        """Start a run (nested under ``parent_run_id`` if given), or continue the unfinished run ``resume_id``
+        (RUNNING again, with this process's tags and parent; its params were logged when it began). It ends
+        FINISHED when the block completes and FAILED (with the error as a tag) when it raises, KeyboardInterrupt
+        and SystemExit included."""
         all_tags = {**self._env, **{k: str(v) for k, v in tags.items()}}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags)
-        run_id = run.info.run_id
+        if resume_id is None:
+            run_id = self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id
+        else:
+            run_id, params = resume_id, None
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in all_tags.items()], synchronous=True)
+            if "failure" in self.client.get_run(run_id).data.tags:
+                self.client.delete_tag(run_id, "failure")
+            self.client.update_run(run_id, status="RUNNING")
         try:
             if params:
                 self.log_params(run_id, params)

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..datasets import DEFAULT_KIND
 from ..engine.executors import Executor, LocalExecutor, StageGraph
 from ..engine.manifest import Manifest, _merge, load_manifest
 from ..engine.pipeline import Pipeline, count_stages
@@ -353,7 +354,7 @@ def ablation_markdown(
         f"Task: {a.why}. Manifest `{ref.name}` with only the knob changed; every variant and the baseline use "
         f"the same student recipe: {t.iterations} iterations at batch {t.batch_size} ({t.optimizer} lr {t.lr:g}, "
         f"{t.schedule}; main table: {main_length}), seeds {ref.protocol.seeds}, the last checkpoint evaluated on "
-        f"the {ref.data.num_val} validation scenes (no selection). Teacher: the main table's (one run, seed 0), "
+        f"the {_validation_set(ref)} (no selection). Teacher: the main table's (one run, seed 0), "
         f"reused. Tokens: {tok.iterations} iterations of stage 1 per token setting (seed 0), reused where the knob "
         "does not change them. The interval is the Student-t 95% interval of the mean over seeds; with "
         f"{len(ref.protocol.seeds)} seeds it is wide, and a difference smaller than it is not evidence either way.",
@@ -476,3 +477,11 @@ def run_ablations(
             report(f"{a.knob}: {wall / 60:.1f} min -> {md_path}")
             done.append((a.knob, csv_path, md_path, png, wall))
     return done
+
+
+def _validation_set(m: Manifest) -> str:
+    """What the ablation's metric is computed on, in words."""
+    if m.data.kind == DEFAULT_KIND:
+        return f"{m.data.num_val} validation scenes"
+    limit = getattr(m.data, "limit_val", 0)
+    return f"first {limit} validation images of {m.data.root}" if limit else f"validation images of {m.data.root}"

@@ -19,6 +19,7 @@ from mlflow.entities import Run
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from ..datasets import kind_of
 from ..engine.manifest import Manifest
 from ..methods import table_order
 from ..tasks import get_task, tasks
@@ -264,8 +265,8 @@ def markdown(
     for m in manifests:
         t, s = m.teacher_train, m.student_train
         lines.append(
-            f"- **{m.task}** (`{Path(m.source).name}`): {m.description}. {m.data.num_train} train / "
-            f"{m.data.num_val} val scenes of {m.data.image_size} px. Teacher: {t.iterations} iterations, one run "
+            f"- **{m.task}** (`{Path(m.source).name}`): {m.description}. {kind_of(m.data).describe(m.data)}. "
+            f"Teacher: {t.iterations} iterations, one run "
             f"(seed 0). Students: {s.iterations} iterations at batch {s.batch_size}, {s.optimizer} lr {s.lr} "
             f"{s.schedule}, the same recipe for every method; seeds {m.protocol.seeds}. "
             f"Tokens: {m.tokens.num_tokens} per level, {m.tokens.iterations} iterations. "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch.utils.data import DataLoader
 
+from ..datasets import kind_of
 from ..engine import data as scenes
 from ..engine.evaluation import DETECTION_KEYS, evaluate_detection
 from ..engine.models import DetectorConfig, detector_features_with_masked_forward, detector_train_step, forward_features
@@ -29,12 +30,7 @@ class Detection(Task):
         return SIZE_DIVISIBLE
 
     def datasets(self, manifest):
-        root = scenes.generate_scenes(manifest.data, progress=True)
-        return (
-            scenes.detection_dataset(root, "train"),
-            scenes.detection_dataset(root, "val"),
-            root / "annotations" / "instances_val.json",
-        )
+        return kind_of(manifest.data).datasets(manifest.data, self.name)
 
     def collate(self, batch):
         return scenes.collate_detection(batch)
@@ -51,9 +47,22 @@ class Detection(Task):
         forward_features(model, images)
 
     def evaluate(self, model, manifest, val_set, gt, progress=True):
-        loader = DataLoader(val_set, batch_size=16, shuffle=False, collate_fn=self.collate)
+        """COCO box AP against the ground truth ``gt``: the embedded scenes' annotation file (labels are its
+        category ids), or a real kind's :class:`~experiments.datasets.coco.CocoTruth` (labels 1..K mapped back to
+        the file's category ids; the file's image ids; boxes in original image coordinates, since evaluation images
+        are not resized by the data set and the detector maps its boxes back)."""
+        loader = DataLoader(
+            val_set,
+            batch_size=kind_of(manifest.data).eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=getattr(manifest.data, "workers", 0),
+        )
         model.eval()
-        return evaluate_detection(model, loader, gt, device=device(), progress=progress)
+        annotations, category_ids = getattr(gt, "annotations", gt), getattr(gt, "category_ids", None)
+        return evaluate_detection(
+            model, loader, annotations, device=device(), progress=progress, category_ids=category_ids
+        )
 
     def masked_losses(self, teacher, learner, manifest, names, images, targets):
         order = list(self.features(manifest.teacher))

@@ -49,10 +49,19 @@ class Task:
 
     @staticmethod
     def image_tensor(images) -> Tensor:
-        """A batch of images as one [N, 3, H, W] tensor (figures)."""
+        """A batch of images as one [N, 3, H, W] tensor (figures); images of different sizes are padded with 0 at
+        the bottom and right to the largest."""
         import torch
 
-        return torch.stack(list(images)) if isinstance(images, list | tuple) else images
+        if not isinstance(images, list | tuple):
+            return images
+        height, width = max(i.shape[-2] for i in images), max(i.shape[-1] for i in images)
+        if all(tuple(i.shape[-2:]) == (height, width) for i in images):
+            return torch.stack(list(images))
+        out = images[0].new_zeros((len(images), images[0].shape[0], height, width))
+        for k, image in enumerate(images):
+            out[k, :, : image.shape[-2], : image.shape[-1]] = image
+        return out
 
     # ---------------------------------------------------------------- training
     def forward(self, model: nn.Module, images, targets) -> tuple[dict[str, Tensor], dict[str, Any], Any]:

@@ -15,6 +15,7 @@ from maskd import MaskLearning
 from maskd.mask_learning import MaskLearningOutput
 from maskd.tokens import dice_coeff
 
+from ..datasets import kind_of
 from ..engine import data as scenes
 from ..engine.evaluation import evaluate_segmentation
 from ..engine.models import SegmenterConfig, segmenter_forward, segmenter_masked_forward
@@ -45,11 +46,23 @@ class Segmentation(Task):
         return cfg.output_stride
 
     def datasets(self, manifest):
-        root = scenes.generate_scenes(manifest.data, progress=True)
-        return scenes.segmentation_dataset(root, "train"), scenes.segmentation_dataset(root, "val"), root
+        return kind_of(manifest.data).datasets(manifest.data, self.name)
 
     def collate(self, batch):
-        return scenes.collate_segmentation(batch)
+        """``(images [N, 3, H, W], masks [N, H, W])``; images of different sizes (whole validation images of a real
+        kind) are padded bottom-right to the largest, images with the ImageNet mean (0 once normalised), masks with
+        the ignore label."""
+        sizes = {tuple(image.shape[-2:]) for image, _ in batch}
+        if len(sizes) <= 1:
+            return scenes.collate_segmentation(batch)
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        images = torch.empty(len(batch), 3, height, width).copy_(torch.tensor(IMAGENET_MEAN)[:, None, None])
+        masks = torch.full((len(batch), height, width), scenes.IGNORE_INDEX, dtype=torch.int64)
+        for i, (image, mask) in enumerate(batch):
+            h, w = image.shape[-2:]
+            images[i, :, :h, :w] = torch.as_tensor(image).as_subclass(torch.Tensor)
+            masks[i, :h, :w] = torch.as_tensor(mask).as_subclass(torch.Tensor)
+        return images, masks
 
     def forward(self, model, images, targets):
         out, feats = segmenter_forward(model, normalise(images))
@@ -62,7 +75,14 @@ class Segmentation(Task):
         segmenter_forward(model, normalise(images))
 
     def evaluate(self, model, manifest, val_set, gt, progress=True, transforms=None):
-        loader = DataLoader(val_set, batch_size=16, shuffle=False, collate_fn=self.collate)
+        kind = kind_of(manifest.data)
+        loader = DataLoader(
+            val_set,
+            batch_size=kind.eval_batch_size,  # real kinds: 1, whole images of any size (as the official code)
+            shuffle=False,
+            collate_fn=self.collate,
+            num_workers=getattr(manifest.data, "workers", 0),
+        )
         model.eval()
         transforms = transforms or {}
 
@@ -78,9 +98,8 @@ class Segmentation(Task):
                     self.inner, normalise(x), transforms.get("logits"), transforms.get("backbone")
                 )[0]
 
-        metrics = evaluate_segmentation(
-            _Normalised(model), loader, scenes.NUM_SEG_CLASSES, device=device(), progress=progress
-        )
+        num_classes = kind.num_classes(manifest.data, self.name)  # the classes of the ground truth
+        metrics = evaluate_segmentation(_Normalised(model), loader, num_classes, device=device(), progress=progress)
         out = {"mIoU": metrics["mIoU"]}
         out.update({f"IoU_{k}": v for k, v in enumerate(metrics["iou_per_class"])})
         return out
