@@ -6,6 +6,7 @@ maskd-bench reproduce [--profile default|smoke]           the embedded main tabl
 maskd-bench ablations [--only KNOB ...]                   MasKD ablations (same as ``nox -s ablations``)
 maskd-bench screenshot-compare [--ablation KNOB]          MLflow compare page of an ablation, as a PNG
 maskd-bench run MANIFEST [--set key=value ...]            one manifest: teacher, tokens, every method x seed
+torchrun --nproc-per-node N -m experiments.cli run ...    the same on N processes (DDP; rank 0 tracks and reports)
 maskd-bench show MANIFEST                                 the resolved manifest, after bases and --set
 maskd-bench manifests                                     the shipped manifests
 maskd-bench methods                                       the registered distillation methods
@@ -50,7 +51,8 @@ def _checked_methods(args: argparse.Namespace) -> list[str] | None:
         sets.append("methods=[" + ", ".join(f'"{m}"' for m in methods) + "]")
     if seeds is not None:
         sets.append("protocol.seeds=[" + ", ".join(str(s) for s in seeds) + "]")
-    load_manifest(args.manifest, sets=[*(args.set or []), *sets])  # raises ManifestError naming the value
+    overrides = getattr(args, "overrides", None)  # the run profile's
+    load_manifest(args.manifest, overrides, sets=[*(args.set or []), *sets])  # raises ManifestError naming the value
     return methods
 
 
@@ -160,9 +162,11 @@ def _run(args: argparse.Namespace) -> int:
     training jobs (:mod:`experiments.engine.distributed`)."""
     from experiments.engine import distributed as torchrun
     from experiments.engine.manifest import load_manifest
+    from experiments.engine.profiles import profile_overrides
     from experiments.engine.stages import Runtime, RuntimeConfigError
 
-    manifest = load_manifest(args.manifest, sets=args.set)
+    args.overrides = profile_overrides(args.manifest, args.profile, args.set)  # before --set, which wins
+    manifest = load_manifest(args.manifest, args.overrides, sets=args.set)
     methods = _checked_methods(args)
     place = None
     if torchrun.launched():
@@ -279,7 +283,11 @@ def _import_runs(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from experiments.engine.export import export_run
 
-    path, target = export_run(args.run_id, args.out, args.tracking_uri)
+    try:
+        path, target = export_run(args.run_id, args.out, args.tracking_uri)
+    except ValueError as exc:  # an unknown run, not a student run, an unfinished one, a checkpoint that does not fit
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {path}: the student alone; load_state_dict(strict=True) into {target}")
     return 0
 
@@ -453,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--methods", nargs="+", choices=method_choices(), help="default: the manifest's methods")
     run.add_argument("--seeds", nargs="+", type=int)
+    run.add_argument(
+        "--profile",
+        choices=["default", "smoke"],
+        default="default",
+        help="smoke: every stage of the manifest in minutes (a few steps, small inputs, a few images, seed 0, "
+        "weight files that are not on this machine dropped); the numbers mean nothing (default: as written)",
+    )
     tracking_args(run)
     run.set_defaults(func=_run)
 
@@ -551,11 +566,13 @@ def main(argv: list[str] | None = None) -> int:
 def _expected_failure(exc: BaseException) -> int | None:
     """2 for bad input, 1 for a run that failed, None for anything unexpected (a bug: full traceback)."""
     from experiments.engine.checkpoints import CheckpointError
+    from experiments.engine.convert_mmdet import ConversionError
     from experiments.engine.locks import ClaimTimeout
     from experiments.engine.manifest import ManifestError
     from experiments.engine.stages import NonFiniteLoss, RuntimeConfigError
+    from experiments.engine.weights import WeightsError
 
-    if isinstance(exc, ManifestError | RuntimeConfigError | FileNotFoundError):
+    if isinstance(exc, ManifestError | RuntimeConfigError | FileNotFoundError | WeightsError | ConversionError):
         return 2
     if isinstance(exc, NonFiniteLoss | CheckpointError | ClaimTimeout) or _is_torch_load_error(exc):
         return 1

@@ -61,7 +61,7 @@ def distillation_terms(
     """``loss/kd_<method>/<term>`` for one step: the teacher's features, the student's, the method's terms."""
     task = get_task(manifest.task)
     names = distillation.names
-    t_feats = teacher_features(manifest, teacher, images, names)
+    t_feats = teacher_features(manifest, teacher, task.teacher_input(images, extras), names)
     s_feats = task.select_features(manifest.student, feats, names)
     terms = distillation(s_feats, t_feats, DistillBatch(step=step, extras=extras))
     return {f"loss/kd_{method}/{k}": v for k, v in terms.items()}

@@ -11,8 +11,9 @@ behaviour). ``ray`` submits one ``@ray.remote`` task per stage, each with ``num_
 ``num_gpus``. A task gets its inputs as small :class:`StageResult` records (run ids, no weights): Ray starts it
 when they exist, and the task builds its own Tracker and Pipeline from the tracking URI and loads the teacher or
 token weights from the cache or else from the upstream run's artifacts. A task whose worker or node dies is
-retried (``max_retries``); the retry finds the dead attempt's run RUNNING with its claim released, marks it
-FAILED and trains again (a teacher whose checkpoint reached the cache is evaluated, not retrained). After the
+retried (``max_retries``); the retry finds the dead attempt's run RUNNING with its claim released, and continues
+it from its last resume checkpoint in this host's cache (``checkpoint_every``), or else marks it FAILED and trains
+again (a teacher whose checkpoint reached the cache is evaluated, not retrained). After the
 graph, the driver marks any child of its parent still RUNNING (an attempt that died on another host) FAILED.
 
 Claims are lock files in the cache (:mod:`.locks`): workers on one host, or on hosts sharing the cache on a

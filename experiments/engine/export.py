@@ -183,10 +183,10 @@ def export_run(run_id: str, out_path: str | Path, tracking_uri: str | None = Non
     Returns the file written and the torchvision class it loads into (or this project's builder)."""
     import json
 
+    from ..tasks import get_task
     from .checkpoints import load_checked
     from .manifest import ManifestError, _build
     from .tracking import Tracker
-    from ..tasks import get_task
 
     tracker = Tracker(tracking_uri)
     try:

@@ -341,6 +341,11 @@ class DetectorConfig:
     # The backbone body's initialisation (ImageNet), e.g. "ResNet50_Weights.IMAGENET1K_V1" or a path to
     # torchvision's resnet50 file; its fc.* is ignored. Needs width=64.
     backbone_weights: str = ""
+    # Zero the last BatchNorm scale of every residual branch, so each block starts as the identity (torchvision's
+    # ResNet(zero_init_residual=True), Goyal et al. 2017). Used by the smoke profile for models without weight
+    # files: an untrained ResNet-101 whose BatchNorm has no statistics yet (frozen, or in eval mode) otherwise
+    # multiplies the feature scale at every block, and the teacher's features overflow float32 losses.
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, DETECTION_ARCHS)
@@ -530,6 +535,9 @@ class DetectorStep(NamedTuple):
         padded batch (what FGD's foreground masks need), ``labels`` [M].
     image_sizes: per-image (h, w) after resize, before padding.
     batch_shape: (H, W) of the padded batch tensor (a multiple of 32).
+    batch: the normalised, resized and padded [N, 3, H, W] tensor the backbone consumed: the teacher of a
+        distillation step reads the same tensor (:func:`backbone_features`), so both see one resize even when the
+        training transform draws the size at random (multi-scale training).
     """
 
     losses: dict[str, Tensor]
@@ -537,6 +545,7 @@ class DetectorStep(NamedTuple):
     targets: list[dict[str, Tensor]]
     image_sizes: list[tuple[int, int]]
     batch_shape: tuple[int, int]
+    batch: Tensor
 
 
 def _check_detector(model: nn.Module) -> None:
@@ -613,7 +622,7 @@ def _detector_losses(
         else:
             losses = model.compute_loss(targets_t, head_outputs, anchors)
     batch_shape = (image_list.tensors.shape[-2], image_list.tensors.shape[-1])
-    return DetectorStep(losses, features, targets_t, list(image_list.image_sizes), batch_shape)
+    return DetectorStep(losses, features, targets_t, list(image_list.image_sizes), batch_shape, image_list.tensors)
 
 
 def detector_train_step(
@@ -661,6 +670,13 @@ def forward_features(model: RetinaNet | FCOS | FasterRCNN, images: Sequence[Tens
     _check_detector(model)
     image_list, _ = model.transform(list(images))
     return fpn_levels(model.backbone(image_list.tensors))
+
+
+def backbone_features(model: RetinaNet | FCOS | FasterRCNN, batch: Tensor) -> list[Tensor]:
+    """FPN levels of a detector for an already transformed batch (:attr:`DetectorStep.batch` of the student's
+    step: the same normalisation, size and padding, as both detectors are built with the data's sizes)."""
+    _check_detector(model)
+    return fpn_levels(model.backbone(batch))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -712,6 +728,11 @@ class SegmenterConfig:
     # The backbone's ImageNet initialisation: torchvision's resnet file (fc.* ignored) or mobilenet_v2 file
     # (classifier.* and the unused last 1x1 conv features.18.* ignored). Needs width=64.
     backbone_weights: str = ""
+    # Zero the last BatchNorm scale of every residual branch, so each block starts as the identity (torchvision's
+    # ResNet(zero_init_residual=True), Goyal et al. 2017). Used by the smoke profile for models without weight
+    # files: an untrained ResNet-101 whose BatchNorm has no statistics yet (frozen, or in eval mode) otherwise
+    # multiplies the feature scale at every block, and the teacher's features overflow float32 losses.
+    zero_init_residual: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("arch", self.arch, SEGMENTATION_ARCHS)
@@ -966,11 +987,27 @@ def build_model(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
     ``backbone_weights`` into the backbone body, then ``weights`` into the whole model (both strict; a file that
     does not fit raises :class:`experiments.engine.weights.WeightsError`)."""
     model = build_architecture(cfg)
+    if cfg.zero_init_residual:
+        zero_init_residual(model)
     if cfg.weights or cfg.backbone_weights:
         from .weights import apply_weights  # weights.py imports this module
 
         apply_weights(model, cfg)
     return model
+
+
+def zero_init_residual(model: nn.Module) -> int:
+    """Zero the scale of the last norm of every ResNet residual branch in ``model`` (``bn3`` of a Bottleneck,
+    ``bn2`` of a BasicBlock); returns how many. Draws no random numbers."""
+    count = 0
+    for module in model.modules():
+        last = getattr(module, "bn3", None) if isinstance(module, Bottleneck) else None
+        if isinstance(module, BasicBlock):
+            last = module.bn2
+        if last is not None:
+            last.weight.detach().zero_()  # a Parameter (BatchNorm2d) or a buffer (FrozenBatchNorm2d)
+            count += 1
+    return count
 
 
 #: Config fields added for the paper-scale models (issue 8). At their defaults they change nothing, so a stage
@@ -986,6 +1023,7 @@ PAPER_SCALE_FIELDS = frozenset(
         "psp_channels",
         "weights",
         "backbone_weights",
+        "zero_init_residual",
     }
 )
 

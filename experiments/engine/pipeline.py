@@ -14,6 +14,11 @@ and a ``.sha256`` file beside them) and are verified before use: a bad one is de
 run's artifacts, or the stage is rebuilt. Several processes may share one store and one cache: a stage is
 claimed (a lock file per stage key under ``cache_root()/claims``) while it is computed, so the same stage is
 computed once and the others wait and reuse it.
+
+A stage that trains writes a resume checkpoint every ``checkpoint_every`` steps (``cache_root()/resume/<kind>-<key>``,
+the last two, and the newest as the run's ``resume/last.pt`` artifact). The next claimant of a stage whose run was
+abandoned (its process killed or interrupted) continues that same MLflow run from the newest good checkpoint
+(``resumed <run> from step N``) instead of marking it FAILED and training from step 0.
 """
 
 from __future__ import annotations
@@ -103,14 +108,25 @@ def train_spec(cfg: Any, section: str) -> dict[str, Any]:
     return {**spec, "geometry": part} if part is not None else spec
 
 
+def _data_spec(cfg: Any) -> Any:
+    """The data section for hashing, with its kind (left out for the embedded scenes, whose hashes predate
+    the kinds)."""
+    from ..datasets import DEFAULT_KIND
+
+    spec = _asdict(cfg)
+    kind = getattr(cfg, "kind", DEFAULT_KIND)
+    return spec if kind == DEFAULT_KIND else {"kind": kind, **spec}
+
+
 def teacher_hash(m: Manifest) -> str:
     return digest(
         {
             "stage": "teacher",
             "task": m.task,
-            "data": _asdict(m.data),
+            "data": _data_spec(m.data),
             "model": _model_spec(m.teacher),
-            "train": train_spec(m.teacher_train, "teacher_train"),
+            # a teacher from a file is evaluated, not trained: its training section does not make it
+            "train": "weights" if m.teacher.weights else train_spec(m.teacher_train, "teacher_train"),
             "seed": 0,
         }
     )
@@ -132,7 +148,7 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
     spec: dict[str, Any] = {
         "stage": "student",
         "task": m.task,
-        "data": _asdict(m.data),
+        "data": _data_spec(m.data),
         "model": _model_spec(m.student),
         "train": train_spec(m.student_train, "student_train"),
         "method": method,
@@ -370,6 +386,11 @@ class Pipeline:
                     if cached is not None:  # the store is new but the checkpoint survived: evaluate, do not retrain
                         self.tracker.client.set_tag(rid, "from_cache", "true")
                         result = stages.evaluate_state(m, "teacher", cached, self.progress)
+                    elif m.teacher.weights:  # a trained teacher from a file: evaluated and logged, not trained
+                        self.tracker.client.set_tag(rid, "teacher_source", "weights")
+                        self.tracker.client.set_tag(rid, "teacher_weights", m.teacher.weights)
+                        state = stages.cpu_state(get_task(m.task).build_model(m.teacher))  # loads the file
+                        result = stages.evaluate_state(m, "teacher", state, self.progress)
                     else:
                         result = self._train("train_model", dict(manifest=m, role="teacher", seed=0), rid, resume)
                 path, sha = self._save_checkpoint(result.state_dict, key, "teacher")

@@ -42,11 +42,13 @@ def _raw(name: str, sets: list[str] | None) -> dict[str, Any]:
 
 
 def _smoke_train(section: dict[str, Any], steps: int) -> dict[str, Any]:
+    # Batches of 2 images on one device: BatchNorm in training and PKD's per-channel std need 2 values at a
+    # 1x1 map. Under torchrun, --set *.batch_size=4 keeps 2 per device on two processes.
     out: dict[str, Any] = {"iterations": steps, "batch_size": 2, "log_every": 1}
     if "warmup_iters" in section:
         out["warmup_iters"] = min(int(section["warmup_iters"]), 1)
     if "batch_per_device" in section:
-        out["batch_per_device"] = 1  # 2 per step on one process (2 accumulation steps) or on two
+        out["batch_per_device"] = 0  # the whole batch (or an even split over torchrun's processes)
     if section.get("checkpoint_every"):
         out["checkpoint_every"] = 2
     return out
@@ -89,18 +91,31 @@ def profile_overrides(name: str, profile: str, sets: list[str] | None = None) ->
     if tokens.get("checkpoint_every"):
         out["tokens"]["checkpoint_every"] = 1
     maskd = raw.get("maskd", {})
+    out["maskd"] = {}
     if maskd.get("custom_mask", True):
-        out["maskd"] = {"custom_mask_warmup": min(int(maskd.get("custom_mask_warmup", 2)), 2)}
+        out["maskd"]["custom_mask_warmup"] = min(int(maskd.get("custom_mask_warmup", 2)), 2)
+    if maskd.get("variant", "detection") == "detection" and maskd.get("area_eps") is None:
+        # The official detection loss divides by the mask area with no epsilon. An untrained teacher (frozen BN
+        # at its identity init, no ImageNet weights) gives FPN features of huge scale, its tokens' masks underflow
+        # to exactly 0 and 0 / 0 is NaN; the segmentation variant's 1e-5 keeps the smoke run finite.
+        out["maskd"]["area_eps"] = 1e-5
     kind = raw.get("data", {}).get("kind", "embedded")
     allowed = _data_keys(kind)
     out["data"] = {k: v for k, v in SMOKE_DATA.get(kind, {}).items() if k in allowed}
     if kind != "embedded" and "multiscale_short" in allowed and raw.get("data", {}).get("multiscale_short"):
         out["data"]["multiscale_short"] = [96, 128]
     for role in ("teacher", "student"):
+        kept = []
         for key in ("weights", "backbone_weights"):
             spec = raw.get(role, {}).get(key, "")
             note = _weights_note(role, key, spec) if spec else None
             if note:
                 print(note, file=sys.stderr, flush=True)
                 out.setdefault(role, {})[key] = ""
+            elif spec:
+                kept.append(key)
+        if not kept and str(raw.get(role, {}).get("backbone", "")).startswith("resnet"):
+            # random weights: residual blocks start as the identity, so an untrained deep teacher's features keep
+            # a sane scale (see SegmenterConfig/DetectorConfig.zero_init_residual)
+            out.setdefault(role, {})["zero_init_residual"] = True
     return out

@@ -26,6 +26,7 @@ from .runtime import (
 from .tokens import build_mask_learner, example_masks, learn_tokens, teacher_features
 from .training import (
     NonFiniteLoss,
+    Resume,
     StageResult,
     evaluate_state,
     freeze,
@@ -36,6 +37,7 @@ from .training import (
 
 __all__ = [
     "NonFiniteLoss",
+    "Resume",
     "Runtime",
     "RuntimeConfigError",
     "StageResult",

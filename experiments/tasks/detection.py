@@ -1,22 +1,39 @@
-"""Object detection (FCOS / RetinaNet on a ResNet-FPN): COCO box AP, FPN levels P3-P7 as features.
+"""Object detection (FCOS / RetinaNet / Faster R-CNN on a ResNet-FPN): COCO box AP, the FPN levels as features.
 
 Features are the FPN outputs of one forward (the detector's training step returns them); the receptive tokens
 mask the teacher's FPN levels in place, so its head and losses see the masked features (MasKDHook on the neck).
+The frozen teacher of a distillation step runs on the student's transformed batch (one resize for both).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from ..datasets import kind_of
 from ..engine import data as scenes
 from ..engine.evaluation import DETECTION_KEYS, evaluate_detection
-from ..engine.models import DetectorConfig, detector_features_with_masked_forward, detector_train_step, forward_features
+from ..engine.models import (
+    DetectorConfig,
+    DetectorStep,
+    backbone_features,
+    detector_features_with_masked_forward,
+    detector_train_step,
+    forward_features,
+)
 from ..engine.runtime import device
 from .registry import Task, register
 
 #: torchvision's GeneralizedRCNNTransform pads every batch to a multiple of 32 (``size_divisible``)
 SIZE_DIVISIBLE = 32
+
+
+class Transformed(NamedTuple):
+    """A batch already through a detector's transform (normalised, resized, padded): [N, 3, H, W]."""
+
+    batch: Tensor
 
 
 class Detection(Task):
@@ -43,8 +60,15 @@ class Detection(Task):
         order = list(self.features(cfg))
         return [feats["fpn"][order.index(n)] for n in names]
 
+    def teacher_input(self, images, extras):
+        # The student's transformed batch: one resize for both models, also when it is drawn at random
+        return Transformed(extras.batch) if isinstance(extras, DetectorStep) else images
+
     def forward_for_features(self, model, images) -> None:
-        forward_features(model, images)
+        if isinstance(images, Transformed):
+            backbone_features(model, images.batch)
+        else:
+            forward_features(model, images)
 
     def evaluate(self, model, manifest, val_set, gt, progress=True):
         """COCO box AP against the ground truth ``gt``: the embedded scenes' annotation file (labels are its

@@ -71,6 +71,11 @@ class Task:
     def select_features(self, cfg, feats: dict[str, Any], names: list[str]) -> list[Tensor]:
         raise NotImplementedError
 
+    def teacher_input(self, images, extras):
+        """What the frozen teacher of a distillation step runs on, given the student's batch and the ``extras`` of
+        its :meth:`forward`: the same images by default."""
+        return images
+
     def forward_for_features(self, model: nn.Module, images) -> None:
         """A forward whose only purpose is to let hooks record features (the frozen teacher)."""
         raise NotImplementedError

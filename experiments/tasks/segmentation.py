@@ -66,7 +66,7 @@ class Segmentation(Task):
 
     def forward(self, model, images, targets):
         out, feats = segmenter_forward(model, normalise(images))
-        return {"ce": F.cross_entropy(out, targets, ignore_index=scenes.IGNORE_INDEX)}, feats, None
+        return task_losses(out, feats, targets), feats, None
 
     def select_features(self, cfg, feats, names):
         return [feats[n] for n in names]
@@ -106,14 +106,27 @@ class Segmentation(Task):
 
     def masked_losses(self, teacher, learner, manifest, names, images, targets):
         transforms, collect = mask_transforms(learner, names)
-        out, _ = segmenter_masked_forward(
+        out, extras = segmenter_masked_forward(
             teacher, normalise(images), transforms.get("logits"), transforms.get("backbone")
         )
-        return {"ce": F.cross_entropy(out, targets, ignore_index=scenes.IGNORE_INDEX)}, collect()
+        return task_losses(out, extras, targets), collect()
 
     def masked_metric(self, teacher, learner, names, manifest, val_set, gt, progress):
         transforms, _ = mask_transforms(learner, names)
         return self.evaluate(teacher, manifest, val_set, gt, progress, transforms)[self.primary_metric]
+
+
+#: CIRKD / MasKD segmentation: CE + 0.4 x CE on the auxiliary FCN head over layer3 (models with ``aux_loss``)
+AUX_WEIGHT = 0.4
+
+
+def task_losses(out: Tensor, extras: dict[str, Tensor], targets: Tensor) -> dict[str, Tensor]:
+    """The segmentation task loss: cross-entropy on the logits, plus 0.4 x the aux head's where the model has
+    one (in training and in the token stage, as the official code; the KD terms use the main logits only)."""
+    losses = {"ce": F.cross_entropy(out, targets, ignore_index=scenes.IGNORE_INDEX)}
+    if "aux_out" in extras:
+        losses["aux_ce"] = AUX_WEIGHT * F.cross_entropy(extras["aux_out"], targets, ignore_index=scenes.IGNORE_INDEX)
+    return losses
 
 
 def mask_transforms(learner: MaskLearning, names: list[str]):
