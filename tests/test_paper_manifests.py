@@ -60,7 +60,9 @@ def test_every_paper_manifest_loads_with_the_smoke_profile_on_its_layout(name, r
     # the smoke profile shrinks lengths and sizes only: same models (bar the weight files), methods and losses
     assert m.student_train.iterations < full.student_train.iterations and m.protocol.seeds == [0]
     assert m.methods == full.methods and m.fgd == full.fgd
-    assert dataclasses.replace(m.maskd, custom_mask_warmup=full.maskd.custom_mask_warmup) == full.maskd
+    # shorter warm-up; an area epsilon in detection (an untrained teacher's masks underflow: see profiles.py)
+    same = dataclasses.replace(m.maskd, custom_mask_warmup=full.maskd.custom_mask_warmup, area_eps=full.maskd.area_eps)
+    assert same == full.maskd
     assert (m.teacher.arch, m.teacher.backbone, m.student.arch, m.student.backbone) == (
         full.teacher.arch,
         full.teacher.backbone,
@@ -74,7 +76,8 @@ def test_every_paper_manifest_loads_with_the_smoke_profile_on_its_layout(name, r
 
 
 def _run(argv, tmp_path, capsys):
-    rc = main([*argv, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress"])
+    quiet = ["--no-progress"] if argv[0] == "run" else []
+    rc = main([*argv, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *quiet])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
 
@@ -110,9 +113,8 @@ def test_a_paper_manifest_runs_end_to_end_on_each_layout(name, kind, methods, ro
     assert all(r.info.status == "FINISHED" for r in runs)
     students = {r.data.tags["method"] for r in runs if r.data.tags.get("kind") == "student"}
     assert students == set(methods)
-    assert all(
-        r.data.tags.get("manifest") == load_manifest(name, check_data=False).name for r in runs if "kind" in r.data.tags
-    )
+    stage_runs = [r for r in runs if r.data.tags.get("kind") in ("teacher", "tokens", "student")]
+    assert {r.data.tags["manifest"] for r in stage_runs} == {load_manifest(name, check_data=False).name}
 
 
 def test_a_teacher_from_a_file_is_evaluated_not_trained_and_a_student_exports_to_torchvision(roots, tmp_path, capsys):
