@@ -34,7 +34,7 @@ def test_plain_order_is_the_shuffled_loaders():
     epoch (drop_last when the data set holds a batch)."""
     n, batch, seed = 21, 4, 3
     geo = geometry(Train(batch_size=batch), "student_train")
-    ours = [b[0] for b in _steps(StepSampler(n, seed, geo, 0, 0), 10, 1)]
+    ours = [[i for i, _ in b[0]] for b in _steps(StepSampler(n, seed, geo, 0, 0), 10, 1)]
     loaders = []
     for epoch in range(2):
         g = torch.Generator().manual_seed(seed * 100_003 + epoch)
@@ -60,6 +60,36 @@ def test_micro_batches_do_not_depend_on_the_process_count(start):
     assert layouts[1] == layouts[2] == layouts[4]
     from_zero = _steps(StepSampler(n, seed, geometry(cfg, "student_train"), 0, 0), start + 9, 4)
     assert layouts[1] == from_zero[start:]
+
+
+class _RandomItems(torch.utils.data.Dataset):
+    """An item is its index and a draw from torch's RNG, as a random transform makes one."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, index: int):
+        return index, torch.rand(()).item()
+
+
+def test_augmentation_is_a_function_of_seed_step_and_image_alone():
+    """Random transforms give the same draws with 0 or 2 loader workers and after a resume at step 3, and they
+    leave the process's RNG alone (a resume restores it; the transforms must not move it)."""
+    from experiments.engine.training import step_batches
+
+    geo = geometry(Train(batch_size=4), "student_train")
+
+    def items(workers: int, start: int, steps: int) -> list:
+        stream = step_batches(_RandomItems(), list, 5, geo, start, workers)
+        return [next(stream) for _ in range(steps)]
+
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    plain = items(0, 0, 6)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert plain == items(2, 0, 6)
+    assert plain[3:] == items(0, 3, 3)
+    assert len({draw for batch in plain for _, draw in batch}) == 24  # an image's draws differ step to step
 
 
 def test_batch_layouts_and_their_errors():

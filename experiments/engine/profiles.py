@@ -94,10 +94,10 @@ def profile_overrides(name: str, profile: str, sets: list[str] | None = None) ->
     out["maskd"] = {}
     if maskd.get("custom_mask", True):
         out["maskd"]["custom_mask_warmup"] = min(int(maskd.get("custom_mask_warmup", 2)), 2)
-    if maskd.get("variant", "detection") == "detection" and maskd.get("area_eps") is None:
-        # The official detection loss divides by the mask area with no epsilon. An untrained teacher (frozen BN
-        # at its identity init, no ImageNet weights) gives FPN features of huge scale, its tokens' masks underflow
-        # to exactly 0 and 0 / 0 is NaN; the segmentation variant's 1e-5 keeps the smoke run finite.
+    if maskd.get("area_eps") is None:
+        # The official detection loss divides by the mask area with no epsilon: an untrained teacher's tokens can
+        # give masks that underflow to exactly 0, and 0 / 0 is NaN. The segmentation variant's own 1e-5 (what
+        # None means there) keeps the smoke run finite in both variants.
         out["maskd"]["area_eps"] = 1e-5
     kind = raw.get("data", {}).get("kind", "embedded")
     allowed = _data_keys(kind)

@@ -204,8 +204,33 @@ class StepSampler:
             chunk = order[index * geo.step_batch : (index + 1) * geo.step_batch]
             micro = torch.tensor_split(chunk, geo.accumulation * geo.world_size)
             for a in range(geo.accumulation):
-                yield micro[a * geo.world_size + self.rank].tolist()
+                part = micro[a * geo.world_size + self.rank].tolist()
+                yield [(i, augmentation_seed(self.seed, step, i)) for i in part]
             step += 1
+
+
+def augmentation_seed(seed: int, step: int, index: int) -> int:
+    """The torch seed of image ``index``'s random transforms at optimizer step ``step`` of a run seeded ``seed``:
+    augmentation is a function of these alone, whatever the loader workers, the process count or a resume."""
+    return (seed * 1_000_003 + step) * 1_000_033 + index
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """``dataset[i]`` under its own torch seed: items are ``(index, seed)`` keys (:class:`StepSampler`), and the
+    item's random transforms (torchvision ``transforms.v2`` draw from torch's global RNG) run on a forked RNG
+    seeded with ``seed``, so they neither depend on nor consume the process's RNG state."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 def step_batches(dataset, collate, seed: int, geo: Geometry, start: int, workers: int = 0) -> Iterator[Any]:
@@ -214,7 +239,7 @@ def step_batches(dataset, collate, seed: int, geo: Geometry, start: int, workers
     sampler = StepSampler(len(dataset), seed, geo, distributed().rank, start)
     return iter(
         DataLoader(
-            dataset,
+            SeededItems(dataset),
             batch_sampler=sampler,
             collate_fn=collate,
             num_workers=workers,
@@ -228,7 +253,9 @@ def infinite_batches(dataset, batch_size: int, collate, seed: int) -> Iterator[A
     """Shuffled batches forever, one process: the order :func:`step_batches` gives a plain single-device run."""
     geo = Geometry(1, batch_size, 1, batch_size, 1.0, False)
     sampler = StepSampler(len(dataset), seed, geo, 0, 0)
-    return iter(DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, generator=torch.Generator()))
+    return iter(
+        DataLoader(SeededItems(dataset), batch_sampler=sampler, collate_fn=collate, generator=torch.Generator())
+    )
 
 
 # ------------------------------------------------------------------------------------------ optimizers, guards
