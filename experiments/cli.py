@@ -188,9 +188,9 @@ def _run(args: argparse.Namespace) -> int:
 
 def _check_batches(manifest, methods: list[str] | None) -> None:
     """How each training stage's batch splits over this job's processes, checked before any work (one line
-    naming the keys and the process count: :func:`experiments.engine.training.geometry`)."""
+    naming the keys and the process count: :func:`experiments.engine.batches.geometry`)."""
+    from experiments.engine.batches import geometry
     from experiments.engine.pipeline import needs_tokens
-    from experiments.engine.training import geometry
 
     geometry(manifest.teacher_train, "teacher_train")
     geometry(manifest.student_train, "student_train")

@@ -14,10 +14,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from experiments.cli import main
+from experiments.engine.batches import Geometry, StepSampler, geometry
 from experiments.engine.manifest import ManifestError, Train
 from experiments.engine.runtime import Distributed
 from experiments.engine.tracking import Tracker
-from experiments.engine.training import Geometry, StepSampler, geometry
 
 TORCHRUN = [str(Path(sys.executable).parent / "torchrun")]
 if not Path(TORCHRUN[0]).is_file():
@@ -75,7 +75,7 @@ class _RandomItems(torch.utils.data.Dataset):
 def test_augmentation_is_a_function_of_seed_step_and_image_alone():
     """Random transforms give the same draws with 0 or 2 loader workers and after a resume at step 3, and they
     leave the process's RNG alone (a resume restores it; the transforms must not move it)."""
-    from experiments.engine.training import step_batches
+    from experiments.engine.batches import step_batches
 
     geo = geometry(Train(batch_size=4), "student_train")
 

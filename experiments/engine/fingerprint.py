@@ -43,6 +43,7 @@ _ENGINE = (
     "recorder",
     "weights",
     "distributed",
+    "batches",
 )
 _COMPUTING_DIRS = ("maskd", "baselines", "experiments/tasks", "experiments/methods", "experiments/datasets")
 _COMMON = tuple(

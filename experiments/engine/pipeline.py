@@ -45,6 +45,7 @@ from ..tables.figures import mask_grid_png
 from ..tasks import get_task
 from . import checkpoints as ckpt
 from . import stages
+from .batches import geometry
 from .distributed import leading
 from .fingerprint import code_fingerprint
 from .locks import claim_timeout, file_lock
@@ -53,7 +54,7 @@ from .paths import cache_root
 from .runtime import distributed
 from .tokens import token_features
 from .tracking import Tracker
-from .training import Resume, geometry
+from .training import Resume
 
 #: Default of :class:`Pipeline`'s ``reuse_stale`` (the command line sets it from ``--reuse-stale``).
 REUSE_STALE = False
@@ -96,7 +97,7 @@ def _model_spec(cfg: Any) -> Any:
 
 
 #: Training keys that never change a stage's result: resume is exact, so when checkpoints are written is not hashed;
-#: how the batch is laid out over devices enters through :meth:`~.training.Geometry.hash_part` instead.
+#: how the batch is laid out over devices enters through :meth:`~.batches.Geometry.hash_part` instead.
 UNHASHED_TRAIN_KEYS = ("checkpoint_every", "batch_per_device", "batch_scaling", "sync_bn")
 
 

@@ -12,6 +12,7 @@ precision) is :mod:`.runtime`; what differs between tasks is in :mod:`experiment
 
 from __future__ import annotations
 
+from .batches import infinite_batches
 from .distill import build_distillation, train_student
 from .runtime import (
     Runtime,
@@ -30,7 +31,6 @@ from .training import (
     StageResult,
     evaluate_state,
     freeze,
-    infinite_batches,
     load_model,
     train_model,
 )
