@@ -257,7 +257,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     from experiments.engine.manifest import load_manifest
 
-    print(json.dumps(load_manifest(args.manifest, sets=args.set).to_dict(), indent=2))
+    # the resolved values only: the data and weight files are checked by `run` (a paper manifest shows without them)
+    print(json.dumps(load_manifest(args.manifest, sets=args.set, check_data=False).to_dict(), indent=2))
     return 0
 
 
