@@ -23,7 +23,6 @@ Which architectures have a torchvision builder:
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -60,7 +59,7 @@ def export_student(state_dict: Mapping[str, Tensor], cfg: ModelConfig, out_path:
             "pass the student's own state_dict()"
         )
     with torch.device("meta"):
-        model = build_architecture(_bare(cfg))
+        model = build_architecture(cfg)
     try:
         model.load_state_dict(dict(state_dict), strict=True, assign=True)  # assign: no copies into meta tensors
     except RuntimeError as exc:
@@ -71,10 +70,6 @@ def export_student(state_dict: Mapping[str, Tensor], cfg: ModelConfig, out_path:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, out_path)
     return out_path
-
-
-def _bare(cfg: ModelConfig) -> ModelConfig:
-    return dataclasses.replace(cfg, weights="", backbone_weights="")
 
 
 def _no_builder(cfg: ModelConfig, why: str) -> ValueError:

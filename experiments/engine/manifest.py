@@ -30,7 +30,7 @@ from ..methods import registry as method_registry
 from ..tasks import get_task, tasks
 from .data import SceneConfig
 from .fields import Problem, knob, range_problems
-from .models import DetectorConfig, SegmenterConfig
+from .models import DetectorConfig, SegmenterConfig, without_weight_files
 
 ModelConfig = DetectorConfig | SegmenterConfig
 MANIFEST_DIR = Path(__file__).resolve().parents[1] / "manifests"
@@ -558,12 +558,6 @@ def _weights_problems(m: Manifest) -> list[Problem]:
     return out
 
 
-def _unweighted(cfg):
-    """``cfg`` without weight files: validation builds models for their structure, not their values."""
-    names = {f.name for f in dataclasses.fields(cfg)}
-    return dataclasses.replace(cfg, **{k: "" for k in ("weights", "backbone_weights") if k in names})
-
-
 def _inheritance_problems(m: Manifest, task) -> list[Problem]:
     """Every ``distill.init_from_teacher`` prefix names tensors the teacher has and the student has too, of the
     same shapes (the teacher's neck and head copied into the student, as the official RetinaNet configs do)."""
@@ -589,7 +583,7 @@ def _inheritance_problems(m: Manifest, task) -> list[Problem]:
 def _state_shapes(cfg, task) -> dict[str, tuple[int, ...]]:
     key = "shapes-" + digest(dataclasses.asdict(cfg))
     if key not in _SHAPES:
-        _SHAPES[key] = {k: tuple(v.shape) for k, v in task.build_model(_unweighted(cfg)).state_dict().items()}
+        _SHAPES[key] = {k: tuple(v.shape) for k, v in task.build_model(without_weight_files(cfg)).state_dict().items()}
     return _SHAPES[key]
 
 
@@ -601,7 +595,7 @@ def _module_names(cfg, task) -> frozenset[str]:
     """Names of the modules of the model ``cfg`` builds (built once per config on the CPU, then remembered)."""
     key = digest(dataclasses.asdict(cfg))
     if key not in _BUILT:
-        _BUILT[key] = frozenset(name for name, _ in task.build_model(_unweighted(cfg)).named_modules())
+        _BUILT[key] = frozenset(name for name, _ in task.build_model(without_weight_files(cfg)).named_modules())
     return _BUILT[key]
 
 

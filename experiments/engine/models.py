@@ -982,6 +982,12 @@ def build_architecture(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
     raise TypeError(f"expected a DetectorConfig or SegmenterConfig, got {type(cfg).__name__}")
 
 
+def without_weight_files(cfg: DetectorConfig | SegmenterConfig) -> DetectorConfig | SegmenterConfig:
+    """``cfg`` naming no weight files: for a model whose values come from elsewhere (a checkpoint loaded next,
+    or a structure-only check), so the files are not read for nothing."""
+    return dataclasses.replace(cfg, weights="", backbone_weights="")
+
+
 def build_model(cfg: DetectorConfig | SegmenterConfig) -> nn.Module:
     """:func:`build_detector` or :func:`build_segmenter`, by config type, then the config's weight files:
     ``backbone_weights`` into the backbone body, then ``weights`` into the whole model (both strict; a file that

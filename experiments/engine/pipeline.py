@@ -50,6 +50,7 @@ from .distributed import leading
 from .fingerprint import code_fingerprint
 from .locks import claim_timeout, file_lock
 from .manifest import Manifest, digest
+from .models import without_weight_files
 from .paths import cache_root
 from .runtime import distributed
 from .tokens import token_features
@@ -368,7 +369,7 @@ class Pipeline:
         name = f"{m.task}/teacher"
 
         def validate(state: dict[str, torch.Tensor]) -> None:
-            get_task(m.task).build_model(m.teacher).load_state_dict(state, strict=True)
+            get_task(m.task).build_model(without_weight_files(m.teacher)).load_state_dict(state, strict=True)
 
         args = ("teacher", h, fp, name, parent_id, "teacher", validate)
         reused = self._reused(*args)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from ..tasks import get_task
 from .batches import Geometry, geometry, step_batches, steps_per_epoch
-from .models import count_parameters
+from .models import count_parameters, without_weight_files
 from .runtime import (
     Distributed,
     any_process,
@@ -414,7 +414,8 @@ def method_totals(values: dict[str, float]) -> dict[str, float]:
 
 
 def load_model(manifest, role: str, state_dict: dict[str, Tensor]) -> nn.Module:
-    model = get_task(manifest.task).build_model(getattr(manifest, role))
+    # the checkpoint holds every value: the config's weight files would be read only to be overwritten
+    model = get_task(manifest.task).build_model(without_weight_files(getattr(manifest, role)))
     model.load_state_dict(state_dict, strict=True)
     return model.to(device())
 
