@@ -46,8 +46,9 @@ CLASSES = 'data.classes=["background", "road", "car"]'
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MASKD_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "maskd-cache"))
+def _cache(tmp_path, monkeypatch):
+    # a cache per test, removed with its folder when the test passes: the real-data runs share no stage
+    monkeypatch.setenv("MASKD_BENCH_CACHE", str(tmp_path / "maskd-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,10 @@ CLASSES = 'data.classes=["background", "road", "car"]'
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MASKD_BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "maskd-cache"))
+def _cache(tmp_path, monkeypatch):
+    # a cache per test, removed with its folder when the test passes: paper-scale checkpoints are 50-250 MB each and
+    # no two tests here share a stage, so a worker-wide cache would only fill the disk (CI ran out of it once)
+    monkeypatch.setenv("MASKD_BENCH_CACHE", str(tmp_path / "maskd-cache"))
 
 
 @pytest.fixture(scope="module")
