@@ -41,6 +41,7 @@ from mlflow.entities import Run
 from tqdm import tqdm
 
 from .. import methods
+from ..cpu_isa import cpu_kernels
 from ..tables.figures import mask_grid_png
 from ..tasks import get_task
 from . import checkpoints as ckpt
@@ -304,6 +305,7 @@ class Pipeline:
             "manifest": m.name,
             "device": self.runtime.device,
             "amp": self.runtime.amp,
+            "cpu_kernels": cpu_kernels(),  # the pinned instruction set of the CPU kernels (experiments.cpu_isa)
             **self.labels,
         }
 
