@@ -1,5 +1,5 @@
-"""Sessions: ``tests`` (the CI gate), ``bench_losses``, ``check_golden``, ``reproduce_table``, ``ablations``,
-``mlflow_ui``, ``lint``.
+"""Sessions: ``tests`` (the CI gate), ``bench_losses``, ``bench_teacher_cache``, ``check_golden``,
+``reproduce_table``, ``ablations``, ``mlflow_ui``, ``lint``.
 
 Virtualenvs are built by uv and reused (a torch venv is 5.5 GB; uv hard-links it from its cache in seconds, see
 shared ECOSYSTEM.md §2). Every session that imports torch installs the project itself, so a fresh clone needs only
@@ -33,6 +33,14 @@ def bench_losses(session: nox.Session) -> None:
     """Forward+backward time and peak memory of every loss: writes reports/bench_losses.{md,csv}."""
     session.install("-e", ".")
     session.run("python", "-m", "experiments.checks.bench_losses", "--out", "reports", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def bench_teacher_cache(session: nox.Session) -> None:
+    """Distillation steps with the teacher's features cached vs computed: reports/bench_teacher_cache.{md,csv}."""
+    session.install("-e", ".")
+    module = "experiments.checks.bench_teacher_cache"
+    session.run("python", "-m", module, "--out", "reports", *session.posargs, env=ENV)
 
 
 @nox.session(python=PYTHON)

@@ -62,7 +62,7 @@ def _frame(values: dict[str, list[float]], teacher: float = 20.0) -> pd.DataFram
 
 def test_ablation_table_statistics_match_hand_computed_values():
     a = build_ablations("default")["weight_head"]
-    a = ab.Ablation(a.knob, a.title, "embedded_segmentation", a.variants, a.why, {})
+    a = ab.Ablation(a.knob, a.title, "embedded_segmentation", a.variants, a.why, a.base_overrides)
     frame = _frame({"baseline": [10.0, 12.0, 11.0], "on": [13.0, 14.0, 15.0], "off": [12.0, 12.5, 16.0]})
     table = ablation_table(frame, a).set_index("variant")
     on = table.loc["on"]
@@ -91,7 +91,7 @@ def test_ablation_table_statistics_match_hand_computed_values():
 
 def test_ablation_table_refuses_missing_and_non_finite_runs():
     a = build_ablations("default")["weight_head"]
-    a = ab.Ablation(a.knob, a.title, "embedded_segmentation", a.variants, a.why, {})
+    a = ab.Ablation(a.knob, a.title, "embedded_segmentation", a.variants, a.why, a.base_overrides)
     with pytest.raises(TableError, match="weight_head/off: 2 runs in MLflow, expected 3"):
         ablation_table(_frame({"baseline": [1, 2, 3], "on": [1, 2, 3], "off": [1, 2]}), a)
     with pytest.raises(TableError, match="non-finite mIoU"):

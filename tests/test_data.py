@@ -349,6 +349,32 @@ def test_segmentation_dataset_and_collate(tiny):
     assert type(masks) is torch.Tensor and masks.shape == (2, 64, 64) and masks.dtype == torch.int64
 
 
-def test_loaders_reject_unknown_split(tiny):
-    with pytest.raises(ValueError):
+def test_loaders_reject_unknown_and_absent_splits(tiny):
+    with pytest.raises(ValueError, match="split must be one of"):
+        segmentation_dataset(tiny, "holdout")
+    with pytest.raises(FileNotFoundError, match="no test split"):  # generated with num_test = 0
         segmentation_dataset(tiny, "test")
+
+
+# ---------------------------------------------------------------------------------------------- test split
+def test_test_split_has_its_own_digits_seeds_and_files(tmp_path):
+    """With num_test > 0 the held-out digits are halved between val and test (disjoint, all classes), test
+    scenes are written with their own seeds, and a config without a test split keeps its old hash."""
+    cfg = SceneConfig(**TINY, num_test=3)
+    _, labels = load_mnist()
+    train, val, test = (set(digit_pool(cfg, s).tolist()) for s in ("train", "val", "test"))
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert np.bincount(labels[sorted(val)]).tolist() == [50] * 10
+    assert np.bincount(labels[sorted(test)]).tolist() == [50] * 10
+    root = generate_scenes(cfg, root=tmp_path, progress=False)
+    coco = _coco(root, "test")
+    assert len(coco["images"]) == 3
+    assert {a["mnist_index"] for a in coco["annotations"]} <= test
+    assert (root / "labels" / "test" / "000001.png").is_file()
+    # test image i is not val image i (own seeds)
+    val_png = (root / "images" / "val" / "000001.png").read_bytes()
+    assert (root / "images" / "test" / "000001.png").read_bytes() != val_png
+    # no test split: the hash (and so every stage hash) is what it was before the field existed
+    assert "num_test" not in SceneConfig(**TINY).hashed_fields()
+    assert SceneConfig(**TINY, num_test=0).config_hash() == SceneConfig(**TINY).config_hash()
+    assert cfg.config_hash() != SceneConfig(**TINY).config_hash()

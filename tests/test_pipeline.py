@@ -37,7 +37,10 @@ def test_smoke_table_end_to_end_and_reuse(tmp_path, cache):
 
     tracker = Tracker(uri)
     children = tracker.children(parent)
-    assert len(children) == 2 + 2 + 7 * 2 + 6 * 2  # teachers, tokens, students (seeds 0, 1)
+    tuning = 2 + 2 + 6 * 2 + 5 * 2  # teachers, tokens, each distillation method x the grid (x0.25, x1) at seed 0
+    reported = 2 + 2 + 7 * 2 + 6 * 2  # the table's teachers and tokens (reuse records), students at seeds 0 and 1
+    assert len(children) == tuning + reported
+    assert sum(r.data.tags.get("tuning") == "true" for r in children) == tuning
     for run in children:
         assert run.info.status == "FINISHED", run.data.tags
         assert run.data.metrics and all(math.isfinite(v) for v in run.data.metrics.values())

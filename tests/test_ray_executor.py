@@ -42,14 +42,17 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "experiments.cli", *args]
 
 
-def _stage_runs(uri: str) -> dict[tuple[str, str, str, str], list]:
-    """Computed (not reuse-record) stage runs by (kind, task, method, seed)."""
+def _stage_runs(uri: str, multipliers: bool = False) -> dict[tuple[str, ...], list]:
+    """Computed (not reuse-record) stage runs by (kind, task, method, seed) and, with ``multipliers``, the loss
+    weight's multiplier of the tuning grid."""
     tracker = Tracker(uri)
-    out: dict[tuple[str, str, str, str], list] = {}
+    out: dict[tuple[str, ...], list] = {}
     for run in tracker.client.search_runs([tracker.experiment_id], max_results=5000):
         tags = run.data.tags
         if tags.get("kind") in ("teacher", "tokens", "student") and "reused_from" not in tags:
-            out.setdefault((tags["kind"], tags["task"], tags["method"], tags["seed"]), []).append(run)
+            key = (tags["kind"], tags["task"], tags["method"], tags["seed"])
+            key += (tags.get("weight_multiplier", ""),) if multipliers else ()
+            out.setdefault(key, []).append(run)
     return out
 
 
@@ -89,16 +92,19 @@ def test_smoke_table_on_two_ray_workers_equals_local(tmp_path, monkeypatch):
         executor.lines = lines.append
         ray_csv, _, parent = reproduce("smoke", ray_uri, tmp_path / "ray", progress=False, executor=executor)
 
+    # The smoke table: tuning (2 teachers, 2 token sets, 11 methods x 2 weight multipliers at seed 0), then the
+    # table (2 + 2 reused, 13 methods x 2 seeds); the table's teachers, tokens and the seed-0 runs of the 11
+    # distillation methods at their chosen weight are the tuning phase's runs, reused.
     tracker = Tracker(ray_uri)
     children = tracker.children(parent)
-    assert len(children) == 30 and all(r.info.status == "FINISHED" for r in children)
-    assert not [r for r in children if "reused_from" in r.data.tags]
-    assert len(lines) == 30 and all(line.startswith("done") for line in lines)
-    hosts_pids = {r.data.tags["pid"] for r in children}
+    assert len(children) == 26 + 30 and all(r.info.status == "FINISHED" for r in children)
+    assert len([r for r in children if "reused_from" in r.data.tags]) == 4 + 11
+    assert len(lines) == 56 and all(line.startswith("done") for line in lines)
+    hosts_pids = {r.data.tags["pid"] for r in children if "reused_from" not in r.data.tags}
     assert len(hosts_pids) >= 2 and str(os.getpid()) not in hosts_pids  # run by the workers, not the driver
 
-    local_runs, ray_runs = _stage_runs(local_uri), _stage_runs(ray_uri)
-    assert set(local_runs) == set(ray_runs) and len(ray_runs) == 30
+    local_runs, ray_runs = _stage_runs(local_uri, True), _stage_runs(ray_uri, True)
+    assert set(local_runs) == set(ray_runs) and len(ray_runs) == 56 - 15
     for key, runs in ray_runs.items():
         assert len(runs) == 1 and runs[0].info.status == "FINISHED", key  # trained exactly once
         mine, theirs = runs[0].data.metrics, local_runs[key][0].data.metrics

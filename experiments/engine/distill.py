@@ -14,9 +14,20 @@ from torch import Tensor
 from ..methods import Distillation, DistillBatch, DistillContext, get
 from ..tasks import get_task
 from .models import count_parameters
+from .pretrain import load_pretrained
 from .runtime import cpu_state, device, seed_everything
+from .teacher_outputs import cached_teacher
 from .tokens import example_masks, teacher_features
-from .training import MetricLogger, Resume, StageResult, freeze, load_model, train_loop, train_model
+from .training import (
+    MetricLogger,
+    Resume,
+    StageResult,
+    evaluate_model,
+    freeze,
+    load_model,
+    train_loop,
+    train_model,
+)
 
 
 def inherit_from_teacher(student, teacher_state: dict[str, Tensor] | None, prefixes: list[str]) -> int:
@@ -56,12 +67,23 @@ def build_distillation(manifest, method: str, token_state: dict[str, Tensor] | N
 
 
 def distillation_terms(
-    manifest, method: str, distillation: Distillation, teacher, images, feats, step: int, extras
+    manifest,
+    method: str,
+    distillation: Distillation,
+    teacher,
+    images,
+    feats,
+    step: int,
+    extras,
+    teacher_feats: list[Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """``loss/kd_<method>/<term>`` for one step: the teacher's features, the student's, the method's terms."""
+    """``loss/kd_<method>/<term>`` for one step: the teacher's features, the student's, the method's terms.
+    ``teacher_feats``: the teacher's features of this batch already known (:mod:`.teacher_outputs`)."""
     task = get_task(manifest.task)
     names = distillation.names
-    t_feats = teacher_features(manifest, teacher, task.teacher_input(images, extras), names)
+    t_feats = teacher_feats
+    if t_feats is None:
+        t_feats = teacher_features(manifest, teacher, task.teacher_input(images, extras), names)
     s_feats = task.select_features(manifest.student, feats, names)
     terms = distillation(s_feats, t_feats, DistillBatch(step=step, extras=extras))
     return {f"loss/kd_{method}/{k}": v for k, v in terms.items()}
@@ -87,21 +109,28 @@ def train_student(
     task = get_task(manifest.task)
     seed_everything(seed)
     student = task.build_model(manifest.student).to(device())
+    pretrained = load_pretrained(student, manifest, "student", progress)  # [pretrain]: the body's start ({} when off)
     inherit_from_teacher(student, teacher_state, manifest.distill.init_from_teacher)
     teacher = freeze(load_model(manifest, "teacher", teacher_state))
     distillation = build_distillation(manifest, method, token_state, seed)
+    # distill.teacher_cache: the teacher's features looked up by image index (computed once, RNG left untouched)
+    cached = None
+    if manifest.distill.teacher_cache:
+        cached = cached_teacher(manifest, teacher, distillation.names, seed, progress)
 
     def kd_step(images, targets, feats, step, extras):
-        return distillation_terms(manifest, method, distillation, teacher, images, feats, step, extras)
+        t_feats = cached(images, step) if cached is not None else None
+        return distillation_terms(manifest, method, distillation, teacher, images, feats, step, extras, t_feats)
 
     timing = train_loop(
         student, distillation, manifest, manifest.student_train, seed, kd_step, log, run, progress, resume
     )
     if not evaluate:
         return StageResult({}, {})
-    _, val_set, gt = task.datasets(manifest)
-    metrics = task.evaluate(student, manifest, val_set, gt, progress=progress)
+    metrics = evaluate_model(manifest, student, progress)
     metrics.update(timing)
+    metrics.update(pretrained)
+    _, val_set, _ = task.datasets(manifest)
     metrics["params"] = float(count_parameters(student))
     metrics["added_params"] = float(count_parameters(distillation))
     extra: dict[str, Any] = {}

@@ -51,7 +51,13 @@ class ManifestError(ValueError):
 class Protocol:
     seeds: list[int] = knob(default_factory=lambda: [0, 1, 2], nonempty=True, unique=True, ge=0)
     checkpoint: Literal["last"] = "last"  # the last checkpoint is reported; no selection on validation
-    eval_split: Literal["val"] = "val"
+    # What the tables report: "val", or "test" where the data have a held-out test split (every choice is then
+    # made on val and only test is reported).
+    eval_split: Literal["val", "test"] = "val"
+    # The equal tuning budget: each method's loss weight (its plug-in's weight_knob) times each multiplier, one run
+    # at tune_seed, chosen on val by the primary metric (ties: the multiplier nearest 1); [1.0]: no tuning.
+    weight_grid: list[float] = knob(default_factory=lambda: [1.0], nonempty=True, unique=True, gt=0)
+    tune_seed: int = knob(0, ge=0)  # one of seeds: its run at the chosen weight is also a seed of the table
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,22 @@ class Tokens:
 
 
 @dataclass(frozen=True)
+class Pretrain:
+    """Stage 0, embedded data only: every backbone body pretrained on digit classification before the teacher and
+    the student train (:mod:`experiments.engine.pretrain`), the stand-in for the paper's ImageNet initialisation."""
+
+    enabled: bool = False
+    image_size: int = knob(64, ge=16)  # one digit on the scenes' background, image_size x image_size px
+    num_images: int = knob(24000, ge=1)  # training images (each a function of seed and index)
+    iterations: int = knob(600, ge=1)
+    batch_size: int = knob(32, ge=2)  # BatchNorm in training needs 2
+    lr: float = knob(2e-3, gt=0)  # AdamW, linear warm-up then cosine to 0
+    weight_decay: float = knob(1e-4, ge=0)
+    warmup_iters: int = knob(30, ge=0)  # must also be shorter than the run (checked with the manifest)
+    seed: int = knob(0, ge=0)
+
+
+@dataclass(frozen=True)
 class Distill:
     """Which declared features (``experiments.engine.models.feature_info`` names) are distilled."""
 
@@ -108,6 +130,10 @@ class Distill:
     # baseline): the official MasKD RetinaNet configs initialise the student's neck and head from the teacher
     # (``init_cfg`` prefix neck / bbox_head), FGD calls it "inheriting". Shapes must match (checked before work).
     init_from_teacher: list[str] = knob(default_factory=list, unique=True)
+    # Compute the frozen teacher's distilled features of every training image once and look them up at each step
+    # (:mod:`.teacher_outputs`): bitwise the same student, without a teacher forward per step. Valid only where an
+    # image's teacher features never change (no random transforms, no multi-scale teacher input): refused elsewhere.
+    teacher_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +152,7 @@ class Manifest:
     student_train: Train = field(default_factory=Train)
     tokens: Tokens = field(default_factory=Tokens)
     distill: Distill = field(default_factory=Distill)
+    pretrain: Pretrain = field(default_factory=Pretrain)
     #: one section per registered method (``[maskd]``, ``[fgd]``, ...): its config dataclass
     method_configs: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # the file it was loaded from (set by the loader, not written in manifests)
@@ -448,7 +475,7 @@ def validate(m: Manifest, check_data: bool = True) -> list[Problem]:
     rules of the manifest, its task and its methods (features the models have, channels, image sizes), and its
     data kind's checks of the data on disk (unless ``check_data`` is False)."""
     problems: list[Problem] = []
-    for section in ("protocol", "teacher_train", "student_train", "tokens", "distill"):
+    for section in ("protocol", "teacher_train", "student_train", "tokens", "distill", "pretrain"):
         problems += range_problems(getattr(m, section), section)
     specs = method_registry.methods()
     for method, cfg in m.method_configs.items():
@@ -471,6 +498,8 @@ def validate(m: Manifest, check_data: bool = True) -> list[Problem]:
                     f"0 or a divisor of {section}.batch_size ({train.batch_size}) with batch_scaling = 'accumulate'",
                 )
             )
+    problems += _protocol_problems(m)
+    problems += _pretrain_problems(m)
     choices = method_choices()
     if not m.methods:
         problems.append(Problem("methods", m.methods, f"a non-empty list of {', '.join(choices)}"))
@@ -501,6 +530,10 @@ def validate(m: Manifest, check_data: bool = True) -> list[Problem]:
         problems += _weights_problems(m)
     if m.distill.init_from_teacher and any(x != "baseline" for x in m.methods):
         problems += _inheritance_problems(m, task)
+    if m.distill.teacher_cache:
+        from .teacher_outputs import cache_problems
+
+        problems += cache_problems(m)
     data_problems = _data_problems(m, check_data)
     problems += data_problems
     sizes = kind_of(m.data).stride_keys(m.data) if not data_problems else {}
@@ -509,6 +542,22 @@ def validate(m: Manifest, check_data: bool = True) -> list[Problem]:
         for key, value in sizes.items():
             if any(int(v) % stride for v in (value if isinstance(value, list | tuple) else [value])):
                 problems.append(Problem(key, value, f"a multiple of {stride} (the {role} model's stride)"))
+    return problems
+
+
+def _protocol_problems(m: Manifest) -> list[Problem]:
+    problems = []
+    protocol = m.protocol
+    if protocol.eval_split == "test" and not kind_of(m.data).has_test_split(m.data):
+        kind = getattr(m.data, "kind", DEFAULT_KIND)
+        need = " (set data.num_test > 0)" if kind == DEFAULT_KIND else ""
+        problems.append(Problem("protocol.eval_split", "test", f"'val': data.kind {kind!r} has no test split{need}"))
+    if len(protocol.weight_grid) > 1:
+        if 1.0 not in protocol.weight_grid:
+            problems.append(Problem("protocol.weight_grid", protocol.weight_grid, "a list that holds 1.0"))
+        if protocol.tune_seed not in protocol.seeds:
+            allowed = f"one of protocol.seeds {protocol.seeds}"
+            problems.append(Problem("protocol.tune_seed", protocol.tune_seed, allowed))
     return problems
 
 
@@ -556,6 +605,37 @@ def _weights_problems(m: Manifest) -> list[Problem]:
                 Problem(f"{role}.{field_name}", getattr(cfg, field_name, ""), f"a file that fits the model; {why}")
             )
     return out
+
+
+def _pretrain_problems(m: Manifest) -> list[Problem]:
+    """``[pretrain]``, when enabled: embedded scenes, ResNet bodies, no weight file the pretrained body would
+    overwrite or contradict, and a warm-up shorter than the run."""
+    from .models import RESNET_LAYOUTS
+
+    p = m.pretrain
+    if not p.enabled:
+        return []
+    problems = []
+    kind = getattr(m.data, "kind", DEFAULT_KIND)
+    if kind != DEFAULT_KIND:
+        why = "the digit pretraining stands in for ImageNet on the embedded scenes only; use backbone_weights"
+        problems.append(Problem("pretrain.enabled", True, f"false with data.kind = {kind!r} ({why})"))
+    if m.teacher.weights:
+        why = "a teacher from a file is not trained, so it has no pretrained start"
+        problems.append(Problem("teacher.weights", m.teacher.weights, f"'' while pretrain.enabled = true ({why})"))
+    for role in ("teacher", "student"):
+        cfg = getattr(m, role)
+        if cfg.backbone_weights:
+            why = "the pretrained digit body is the backbone's initialisation"
+            problems.append(
+                Problem(f"{role}.backbone_weights", cfg.backbone_weights, f"'' while pretrain.enabled = true ({why})")
+            )
+        if cfg.backbone not in RESNET_LAYOUTS:
+            allowed = f"a ResNet ({', '.join(RESNET_LAYOUTS)}) while pretrain.enabled = true"
+            problems.append(Problem(f"{role}.backbone", cfg.backbone, allowed))
+    if p.warmup_iters >= p.iterations:
+        problems.append(Problem("pretrain.warmup_iters", p.warmup_iters, f"< pretrain.iterations ({p.iterations})"))
+    return problems
 
 
 def _inheritance_problems(m: Manifest, task) -> list[Problem]:

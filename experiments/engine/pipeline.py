@@ -53,6 +53,7 @@ from .locks import claim_timeout, file_lock
 from .manifest import Manifest, digest
 from .models import without_weight_files
 from .paths import cache_root
+from .pretrain import pretrain_spec
 from .runtime import distributed
 from .tokens import token_features
 from .tracking import Tracker
@@ -116,23 +117,26 @@ def _data_spec(cfg: Any) -> Any:
     the kinds)."""
     from ..datasets import DEFAULT_KIND
 
-    spec = _asdict(cfg)
+    # hashed_fields: a kind's config may leave out fields at values that predate them (the scenes' test split)
+    spec = cfg.hashed_fields() if hasattr(cfg, "hashed_fields") else _asdict(cfg)
     kind = getattr(cfg, "kind", DEFAULT_KIND)
     return spec if kind == DEFAULT_KIND else {"kind": kind, **spec}
 
 
 def teacher_hash(m: Manifest) -> str:
-    return digest(
-        {
-            "stage": "teacher",
-            "task": m.task,
-            "data": _data_spec(m.data),
-            "model": _model_spec(m.teacher),
-            # a teacher from a file is evaluated, not trained: its training section does not make it
-            "train": "weights" if m.teacher.weights else train_spec(m.teacher_train, "teacher_train"),
-            "seed": 0,
-        }
-    )
+    spec: dict[str, Any] = {
+        "stage": "teacher",
+        "task": m.task,
+        "data": _data_spec(m.data),
+        "model": _model_spec(m.teacher),
+        # a teacher from a file is evaluated, not trained: its training section does not make it
+        "train": "weights" if m.teacher.weights else train_spec(m.teacher_train, "teacher_train"),
+        "seed": 0,
+    }
+    pretrained = pretrain_spec(m, "teacher")
+    if pretrained is not None:  # only when on, so the hashes of runs from scratch stay what they were
+        spec["pretrain"] = pretrained
+    return digest(spec)
 
 
 def tokens_hash(m: Manifest) -> str:
@@ -157,6 +161,9 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
         "method": method,
         "seed": seed,
     }
+    pretrained = pretrain_spec(m, "student")  # the teacher's enters through teacher_hash
+    if pretrained is not None:  # only when on, so the hashes of runs from scratch stay what they were
+        spec["pretrain"] = pretrained
     if method != "baseline":
         plugin = methods.get(method)
         spec.update(
@@ -168,6 +175,8 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
         )
         if m.distill.init_from_teacher:  # only when set, so the hashes of existing runs stay what they were
             spec["init_from_teacher"] = list(m.distill.init_from_teacher)
+        if m.distill.teacher_cache:  # bitwise the same student, but recorded; only when set, as above
+            spec["teacher_cache"] = True
         if plugin.uses_tokens(m):
             spec["tokens"] = tokens_hash(m)
     return digest(spec)

@@ -32,6 +32,7 @@ from tqdm import tqdm
 from ..tasks import get_task
 from .batches import Geometry, geometry, step_batches, steps_per_epoch
 from .models import count_parameters, without_weight_files
+from .pretrain import load_pretrained
 from .runtime import (
     Distributed,
     any_process,
@@ -443,24 +444,38 @@ def train_model(
     cfg_train = getattr(manifest, section)
     seed_everything(seed)
     model = task.build_model(getattr(manifest, role)).to(device())
+    pretrained = load_pretrained(model, manifest, role, progress)  # [pretrain]: the body's start ({} when off)
     run = run or f"{manifest.task}/{role}/s{seed}"
     timing = train_loop(model, None, manifest, cfg_train, seed, None, log, run, progress, resume, section)
     if not evaluate:
         return StageResult({}, {})
-    _, val_set, gt = task.datasets(manifest)
-    metrics = task.evaluate(model, manifest, val_set, gt, progress=progress)
+    metrics = evaluate_model(manifest, model, progress)
     metrics.update(timing)
+    metrics.update(pretrained)
     metrics["params"] = float(count_parameters(model))
     metrics["added_params"] = 0.0
     return StageResult(metrics, cpu_state(model))
 
 
-def evaluate_state(manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True) -> StageResult:
-    """Evaluate a cached checkpoint (no training): the metrics a training run would have logged, bar timing."""
+def evaluate_model(manifest, model: nn.Module, progress: bool = True) -> dict[str, float]:
+    """The task's metrics on val (logged under their own names: every choice is made on them) and, where the data
+    have a held-out test split, on test as ``test/<metric>`` (what the tables report with ``protocol.eval_split =
+    "test"``)."""
     task = get_task(manifest.task)
-    model = load_model(manifest, role, state_dict)
     _, val_set, gt = task.datasets(manifest)
     metrics = task.evaluate(model, manifest, val_set, gt, progress=progress)
+    held_out = task.test_set(manifest)
+    if held_out is not None:
+        test_set, test_gt = held_out
+        tested = task.evaluate(model, manifest, test_set, test_gt, progress=progress)
+        metrics.update({f"test/{name}": value for name, value in tested.items()})
+    return metrics
+
+
+def evaluate_state(manifest, role: str, state_dict: dict[str, Tensor], progress: bool = True) -> StageResult:
+    """Evaluate a cached checkpoint (no training): the metrics a training run would have logged, bar timing."""
+    model = load_model(manifest, role, state_dict)
+    metrics = evaluate_model(manifest, model, progress)
     metrics["params"] = float(count_parameters(model))
     metrics["added_params"] = 0.0
     return StageResult(metrics, state_dict)

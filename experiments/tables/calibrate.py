@@ -17,6 +17,7 @@ import torch
 from ..engine import stages
 from ..engine.distill import build_distillation, distillation_terms
 from ..engine.manifest import Manifest
+from ..engine.pretrain import load_pretrained
 from ..methods import methods
 from ..tasks import get_task
 
@@ -46,6 +47,7 @@ def initial_losses(m: Manifest, teacher_state, token_state, batches: int = 4, se
     stages.seed_everything(seed)
     task = get_task(m.task)
     student = task.build_model(m.student).to(stages.device())
+    load_pretrained(student, m, "student", progress=False)  # the student starts where its runs start ([pretrain])
     teacher = stages.freeze(stages.load_model(m, "teacher", teacher_state))
     train_set, _, _ = task.datasets(m)
     knobs = weight_knobs()

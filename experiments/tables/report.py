@@ -64,10 +64,40 @@ def runs_frame(runs: Sequence[Run]) -> pd.DataFrame:
             "seed": int(tags.get("seed", 0)),
             "kind": tags["kind"],
             "reused_from": tags.get("reused_from", ""),
+            # the equal tuning budget (experiments.tables.tuning): tuning runs and the multiplier of a run's weight
+            "tuning": tags.get("tuning", ""),
+            "weight_multiplier": tags.get("weight_multiplier", ""),
         }
         row.update(run.data.metrics)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+TEST_PREFIX = "test/"
+
+
+class SplitError(RuntimeError):
+    """A table reports a split that its runs were not evaluated on."""
+
+
+def on_split(frame: pd.DataFrame, manifests: Sequence[Manifest]) -> pd.DataFrame:
+    """``frame`` with each task's metrics taken from the split its manifest reports (``protocol.eval_split``):
+    runs log val metrics under their own names and test metrics as ``test/<name>``; for a task reported on test,
+    the ``test/`` columns replace the plain ones (and the val ones are dropped, so nothing reads them by mistake)."""
+    if frame.empty:
+        return frame
+    out = frame.copy()
+    test_columns = [c for c in frame.columns if c.startswith(TEST_PREFIX)]
+    for m in manifests:
+        if m.protocol.eval_split != "test":
+            continue
+        rows = out.task == m.task
+        metric = primary_metric(m.task)
+        if TEST_PREFIX + metric not in out or out.loc[rows, TEST_PREFIX + metric].isna().any():
+            raise SplitError(f"{m.task}: protocol.eval_split = 'test' but some runs have no {TEST_PREFIX + metric}")
+        for column in test_columns:
+            out.loc[rows, column[len(TEST_PREFIX) :]] = out.loc[rows, column]
+    return out.drop(columns=test_columns)
 
 
 def ci95(values: np.ndarray) -> float:
@@ -160,6 +190,35 @@ def main_table(frame: pd.DataFrame, paper_keys: dict[str, str] | None = None) ->
     return pd.DataFrame(out)
 
 
+def with_choices(table: pd.DataFrame, manifests: Sequence[Manifest], choices: Sequence = ()) -> pd.DataFrame:
+    """The table with the split it reports and each method's loss weight: the knob, the value the runs used and
+    its multiplier of the calibrated value (1 where there was no tuning)."""
+    from .tuning import loss_weight, weight_knob
+
+    chosen = {(c.task, c.method): c for c in choices}
+    split = {m.task: m.protocol.eval_split for m in manifests}
+    by_task = {m.task: m for m in manifests}
+    out = table.copy()
+    out.insert(3, "split", [split.get(t, "val") for t in out.task])
+    knobs, weights, multipliers = [], [], []
+    for task, method in zip(out.task, out.method):
+        m = by_task.get(task)
+        if method in ("teacher", "baseline") or m is None:
+            knobs.append("")
+            weights.append(math.nan)
+            multipliers.append(math.nan)
+            continue
+        c = chosen.get((task, method))
+        multiplier = c.multiplier if c is not None else 1.0
+        knobs.append(weight_knob(method))
+        weights.append(loss_weight(m, method) * multiplier)
+        multipliers.append(multiplier)
+    out.insert(4, "loss_weight_knob", knobs)
+    out.insert(5, "loss_weight", weights)
+    out.insert(6, "weight_multiplier", multipliers)
+    return out
+
+
 def holm_adjust(rows: list[dict], columns: Sequence[str]) -> int:
     """Holm's step-down correction across every p-value in ``columns`` of ``rows`` (one table's comparisons),
     written to ``<column>_holm``; returns the number of comparisons. NaN p-values (no test) are not counted."""
@@ -175,6 +234,10 @@ def holm_adjust(rows: list[dict], columns: Sequence[str]) -> int:
     for r in rows:
         r["n_comparisons"] = len(cells)
     return len(cells)
+
+
+def _known(value) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def _fmt(value, digits: int = 2, signed: bool = False) -> str:
@@ -202,7 +265,10 @@ def markdown(
     wall_time_s: float | None,
     profile: str,
     parent_run_id: str,
+    choices: Sequence = (),
 ) -> str:
+    from .tuning import protocol_line
+
     lines = [
         f"# Embedded benchmark: main table (profile `{profile}`)",
         "",
@@ -218,9 +284,11 @@ def markdown(
         lines += [f"## {task.capitalize()} ({metric}, %)", ""]
         if manifest is not None:
             lines += [f"Stands in for: {manifest.paper_row}.", ""]
+        split = manifest.protocol.eval_split if manifest is not None else "val"
         header = [
             "method",
-            f"{metric} mean ± std",
+            "loss weight (× calibrated)",
+            f"{metric} ({split}) mean ± std",
             "n",
             "95% CI",
             "Δ vs baseline",
@@ -240,8 +308,10 @@ def markdown(
                 if isinstance(r.get("best_other"), str)
                 else "–"
             )
+            weight = r.get("loss_weight")
             cells = [
                 r.method,
+                f"{weight:.3g} (×{r.get('weight_multiplier'):g})" if _known(weight) else "–",
                 f"{_fmt(r['mean'])} ± {_fmt(r['std'])}",
                 str(int(r.n_seeds)),
                 f"±{_fmt(r.ci95)}",
@@ -270,8 +340,12 @@ def markdown(
             f"(seed 0). Students: {s.iterations} iterations at batch {s.batch_size}, {s.optimizer} lr {s.lr} "
             f"{s.schedule}, the same recipe for every method; seeds {m.protocol.seeds}. "
             f"Tokens: {m.tokens.num_tokens} per level, {m.tokens.iterations} iterations. "
-            f"Reported: the {m.protocol.checkpoint} checkpoint on the {m.protocol.eval_split} split, no selection."
+            f"Reported: the {m.protocol.checkpoint} checkpoint on the {m.protocol.eval_split} split, no selection"
+            + (" (every choice made on val)." if m.protocol.eval_split == "test" else ".")
         )
+        tuned = protocol_line(list(choices), m)
+        if tuned:
+            lines.append(tuned)
     lines += [
         "- Statistics: mean ± sample std over seeds; 95% CI = Student t half-width of the mean; Δ and p: paired "
         "t-test on matched seeds (two-sided), against the baseline student and against the best other "

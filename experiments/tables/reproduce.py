@@ -19,7 +19,18 @@ from ..engine.pipeline import Pipeline
 from ..engine.tracking import Tracker, parent_tags
 from ..tasks import get_task
 from .export import EXPORT_NAME, TableRecord, read_export, write_export
-from .report import main_table, markdown, runs_frame, write_table
+from .report import main_table, markdown, on_split, runs_frame, with_choices, write_table
+from .tuning import (
+    Choice,
+    add_main,
+    add_tuning,
+    check_reported,
+    choose,
+    table_rows,
+    tunes,
+    tuning_markdown,
+    tuning_table,
+)
 
 PROFILES: dict[str, list[str]] = {
     "default": ["embedded_detection", "embedded_segmentation"],
@@ -48,6 +59,7 @@ class TableError(RuntimeError):
 def check_runs(frame, manifests: list[Manifest]) -> None:
     """Every run the table needs is FINISHED, once, with a finite metric (a FAILED attempt beside its retried
     FINISHED run is not counted)."""
+    frame = table_rows(frame)  # the tuning runs are checked by tuning.choose
     for m in manifests:
         metric = get_task(m.task).primary_metric
         sub = frame[frame.task == m.task] if not frame.empty else frame
@@ -79,20 +91,45 @@ def export_mask_figures(tracker: Tracker, parent_id: str, out_dir: Path) -> list
     return written
 
 
-def write_main_table(out_dir: Path, check: bool = False) -> tuple[Path, Path] | list[Path]:
-    """``main_table.md`` and ``.csv`` in ``out_dir`` from ``out_dir/runs.jsonl`` alone (no store, no training).
-    With ``check``, nothing is written: the paths of the committed files that differ are returned."""
+def table_choices(frame, manifests: list[Manifest]) -> list[Choice]:
+    """Each tuned manifest's loss-weight choices, made on the val metrics of its tuning runs."""
+    return [c for m in manifests if tunes(m) for c in choose(frame, m).values()]
+
+
+def write_main_table(out_dir: Path, check: bool = False) -> tuple[Path, ...] | list[Path]:
+    """``main_table.md`` and ``.csv`` (and, where the manifests tune the loss weights, ``tuning.md`` and ``.csv``)
+    in ``out_dir`` from ``out_dir/runs.jsonl`` alone (no store, no training). With ``check``, nothing is written:
+    the paths of the committed files that differ are returned."""
     record, runs = read_export(out_dir / EXPORT_NAME)
     manifests = [load_manifest(name) for name in record.manifests]
     frame = runs_frame(runs)
     check_runs(frame, manifests)
-    table = main_table(frame, {m.task: m.teacher.arch for m in manifests})
-    md = markdown(table, manifests, record.environment, record.wall_time_s, record.profile, record.parent_run_id)
+    choices = table_choices(frame, manifests)
+    for m in manifests:
+        if tunes(m):
+            check_reported(frame, m, choose(frame, m))
+    reported = on_split(table_rows(frame), manifests)
+    table = with_choices(main_table(reported, {m.task: m.teacher.arch for m in manifests}), manifests, choices)
+    md = markdown(
+        table, manifests, record.environment, record.wall_time_s, record.profile, record.parent_run_id, choices
+    )
+
+    def write(target: Path) -> list[Path]:
+        written = list(write_table(table, md, target))
+        if choices:
+            tuning_md = tuning_markdown(choices, manifests, record.parent_run_id)
+            written += write_table(tuning_table(choices), tuning_md, target, stem="tuning")
+        return written
+
     if not check:
-        return write_table(table, md, out_dir)
+        return tuple(write(out_dir))
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = write_table(table, md, Path(tmp))
-        return [out_dir / f.name for f in fresh if (out_dir / f.name).read_bytes() != f.read_bytes()]
+        fresh = write(Path(tmp))
+        return [out_dir / f.name for f in fresh if not _same(out_dir / f.name, f)]
+
+
+def _same(committed: Path, fresh: Path) -> bool:
+    return committed.is_file() and committed.read_bytes() == fresh.read_bytes()
 
 
 def rebuild_tables(reports: Path, check: bool = False) -> tuple[list[Path], list[Path]]:
@@ -105,7 +142,14 @@ def rebuild_tables(reports: Path, check: bool = False) -> tuple[list[Path], list
         handled += [out_dir / "main_table.csv", out_dir / "main_table.md"]
         if check:
             differing += result
+        else:
+            handled += [p for p in result if p.stem == "tuning"]
     return handled, differing
+
+
+def _run_graph(executor: Executor, graph: StageGraph, pipeline: Pipeline, parent_id: str, desc: str, progress: bool):
+    with tqdm(total=len(graph), desc=desc, unit="run", disable=not progress, dynamic_ncols=True) as overall:
+        executor.run(graph, pipeline, parent_id, overall)
 
 
 def reproduce(
@@ -131,24 +175,32 @@ def reproduce(
     params = {f"manifest.{m.task}": m.name for m in manifests}
     with tracker.run(f"table/{profile}", tags, params) as parent:
         parent_id = parent.info.run_id
+        executor = executor or LocalExecutor()
+        # Phase 1, the equal tuning budget: teachers, tokens and every method x weight multiplier at the tuning
+        # seed, then the choices on val. Phase 2: every seed at the chosen weights (the tuning seed's run at the
+        # chosen weight is the same stage, reused).
+        tuning = StageGraph()
+        for m in manifests:
+            if tunes(m):
+                add_tuning(tuning, m)
+        if len(tuning):
+            _run_graph(executor, tuning, pipeline, parent_id, f"tuning[{profile}]", progress)
+        frame = runs_frame(tracker.children(parent_id))
         graph = StageGraph()
         for m in manifests:
-            graph.add_manifest(m)
-        with tqdm(
-            total=len(graph),
-            desc=f"reproduce_table[{profile}]",
-            unit="run",
-            disable=not progress,
-            dynamic_ncols=True,
-        ) as overall:
-            (executor or LocalExecutor()).run(graph, pipeline, parent_id, overall)
+            chosen = choose(frame, m) if tunes(m) else {}
+            add_main(graph, m, {method: c.multiplier for method, c in chosen.items()})
+        _run_graph(executor, graph, pipeline, parent_id, f"reproduce_table[{profile}]", progress)
         wall = time.perf_counter() - start
         children = tracker.children(parent_id)
         check_runs(runs_frame(children), manifests)
         # The table is computed from its shipped record, so that `maskd-bench tables` rebuilds it byte for byte.
         record = TableRecord(profile, [Path(m.source).stem for m in manifests], environment_line(), wall, parent_id)
         write_export(out_dir / EXPORT_NAME, record, [r for r in children if r.info.status == "FINISHED"])
-        csv_path, md_path = write_main_table(out_dir)
+        written = write_main_table(out_dir)
+        csv_path, md_path = written[0], written[1]
+        for extra in written[2:]:
+            tracker.client.log_artifact(parent_id, str(extra), "table")
         tracker.client.log_artifact(parent_id, str(out_dir / EXPORT_NAME), "table")
         tracker.log_metrics(parent_id, {"wall_time_s": wall})
         tracker.client.log_artifact(parent_id, str(csv_path), "table")

@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..datasets import kind_of
 from ..engine.models import FeatureSpec, build_model, feature_info
 
 
@@ -43,6 +44,10 @@ class Task:
     def datasets(self, manifest) -> tuple[Any, Any, Any]:
         """``(train set, val set, ground truth for evaluation)``."""
         raise NotImplementedError
+
+    def test_set(self, manifest) -> tuple[Any, Any] | None:
+        """``(test set, ground truth)`` of the data's held-out test split, or None where it has none."""
+        return kind_of(manifest.data).test_set(manifest.data, self.name)
 
     def collate(self, batch):
         raise NotImplementedError
