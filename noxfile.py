@@ -1,4 +1,4 @@
-"""Sessions: ``tests`` (the CI gate), ``bench_losses``, ``bench_teacher_cache``, ``check_golden``,
+"""Sessions: ``tests`` (the CI gate), ``bench_losses``, ``bench_teacher_cache``, ``bench_cpu_isa``, ``check_golden``,
 ``reproduce_table``, ``ablations``, ``mlflow_ui``, ``lint``.
 
 Virtualenvs are built by uv and reused (a torch venv is 5.5 GB; uv hard-links it from its cache in seconds, see
@@ -41,6 +41,14 @@ def bench_teacher_cache(session: nox.Session) -> None:
     session.install("-e", ".")
     module = "experiments.checks.bench_teacher_cache"
     session.run("python", "-m", module, "--out", "reports", *session.posargs, env=ENV)
+
+
+@nox.session(python=PYTHON)
+def bench_cpu_isa(session: nox.Session) -> None:
+    """The CPU-kernel pin: pinned vs native numbers and speed, and the pinned weights vs the committed fingerprint
+    (``-- --record`` writes it): reports/bench_cpu_isa.{md,csv}."""
+    session.install("-e", ".")
+    session.run("python", "-m", "experiments.checks.bench_cpu_isa", "--out", "reports", *session.posargs, env=ENV)
 
 
 @nox.session(python=PYTHON)

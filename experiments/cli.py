@@ -12,6 +12,7 @@ maskd-bench manifests                                     the shipped manifests
 maskd-bench methods                                       the registered distillation methods
 maskd-bench tables [--check]                              rewrite committed tables from their shipped exports
 maskd-bench import-runs reports/embedded/runs.jsonl       the runs behind a committed table, into an MLflow store
+maskd-bench verify-teacher reports/embedded/runs.jsonl --task segmentation   retrain a table's teacher, compare bits
 """
 
 from __future__ import annotations
@@ -281,6 +282,22 @@ def _import_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_teacher(args: argparse.Namespace) -> int:
+    from experiments.tables.verify import verify_teacher
+
+    rows, where = verify_teacher(args.export, args.task, progress=not args.no_progress)
+    print(f"{args.task} teacher of {args.export} ({where})")
+    print(f"{'metric':28s} {'exported':>22s} {'retrained':>22s}  equal")
+    for r in rows:
+        print(f"{r.metric:28s} {r.exported!r:>22s} {r.retrained!r:>22s}  {'yes' if r.equal else 'NO'}")
+    differing = [r.metric for r in rows if not r.equal]
+    if differing:
+        print(f"error: {len(differing)} of {len(rows)} metrics differ: {', '.join(differing)}", file=sys.stderr)
+        return 1
+    print(f"all {len(rows)} metrics bit-identical")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from experiments.engine.export import export_run
 
@@ -525,6 +542,16 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("export", type=Path, help="a runs.jsonl written with a table, e.g. reports/embedded/runs.jsonl")
     imp.add_argument("--tracking-uri", default=None, help="target store (default: sqlite:///mlflow.db here)")
     imp.set_defaults(func=_import_runs)
+
+    ver = sub.add_parser(
+        "verify-teacher",
+        help="retrain a committed table's teacher from its shipped manifest (nothing reused) and compare its metrics "
+        "with the export, bit for bit",
+    )
+    ver.add_argument("export", type=Path, help="a runs.jsonl written with a table, e.g. reports/embedded/runs.jsonl")
+    ver.add_argument("--task", required=True, choices=("detection", "segmentation"))
+    ver.add_argument("--no-progress", action="store_true")
+    ver.set_defaults(func=_verify_teacher)
     return parser
 
 

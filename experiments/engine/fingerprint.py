@@ -4,9 +4,9 @@ A stage's fingerprint is the sha256 of the normalised source of every module tha
 stage's root modules (training loop, data, models, evaluation, the task, and for tokens and students the
 token/distillation code and the method's plug-in) and, transitively, every project module they import among the
 *computing* code (``maskd/``, ``baselines/``, ``experiments/tasks/``, ``experiments/methods/`` and
-``experiments/engine/{training,tokens,distill,runtime,models,data,evaluation,recorder}.py``). Source is
-normalised with :mod:`ast` (docstrings dropped, then ``ast.dump``), so comments, docstrings and formatting do not
-count; any other change does.
+``experiments/engine/{training,tokens,distill,runtime,models,data,evaluation,recorder,pretrain,teacher_outputs}.py``).
+Source is normalised with :mod:`ast` (docstrings dropped, then ``ast.dump``), so comments, docstrings and
+formatting do not count; any other change does.
 
 Rule, per stage (a superset of what each stage runs, never less):
 
@@ -44,6 +44,8 @@ _ENGINE = (
     "weights",
     "distributed",
     "batches",
+    "pretrain",
+    "teacher_outputs",
 )
 _COMPUTING_DIRS = ("maskd", "baselines", "experiments/tasks", "experiments/methods", "experiments/datasets")
 _COMMON = tuple(

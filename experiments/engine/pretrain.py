@@ -59,6 +59,8 @@ __all__ = ["load_pretrained", "pretrain_metrics", "pretrain_spec", "pretrained_b
 
 #: Bump when the images, the classifier or the training loop change, so that old cached bodies are not reused.
 VERSION = 1
+#: This module, relative to the source root: its code (and the computing code it imports) is part of the cache key.
+CODE = "experiments/engine/pretrain.py"
 #: Side of the pasted digit (``sqrt(w * h)`` of its ink box), as a share of ``image_size``, drawn log-uniformly
 #: (at most ``image_size - 2`` px): a centred-object classification task, as ImageNet's.
 DIGIT_SHARE = (0.3, 1.0)
@@ -105,9 +107,12 @@ def pretrain_spec(manifest, role: str) -> dict[str, Any] | None:
 
 
 def _digest(spec: dict[str, Any]) -> str:
+    """The cache key: the spec and the code that computes the body (this module and what it imports), so that a
+    change of either pretrains again."""
+    from .fingerprint import files_fingerprint
     from .manifest import digest  # manifest.py imports the training code, which imports this module
 
-    return digest(spec)
+    return digest({"spec": spec, "code": files_fingerprint([CODE])[0]})
 
 
 def _paths(spec: dict[str, Any]) -> tuple[Path, Path]:
@@ -202,7 +207,8 @@ def _train(spec: dict[str, Any], label: str, progress: bool) -> tuple[dict, dict
     look = _look(spec)
     train_pool, val_pool = digit_pool(look, "train"), digit_pool(look, "val")
     dev = device()
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+    # enable_grad: a caller may hold no_grad (calibration measures the untrained student's losses under it)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []), torch.enable_grad():
         torch.manual_seed(p.seed)
         body = build_resnet_body(spec["body"]["backbone"], width=spec["body"]["width"])
         model = DigitClassifier(body, body.stage_channels[3]).to(dev)

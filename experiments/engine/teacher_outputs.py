@@ -59,6 +59,8 @@ from .runtime import current_runtime, device, distributed, to_device
 from .tokens import teacher_features
 
 FORMAT = 1
+#: This module, relative to the source root: part of the cache key with the teacher stage's code.
+CODE = "experiments/engine/teacher_outputs.py"
 
 
 def cache_problems(m) -> list[Problem]:
@@ -93,6 +95,8 @@ def state_digest(module: nn.Module) -> str:
 
 
 def outputs_key(manifest, teacher: nn.Module, names: list[str], micro_batch: int) -> str:
+    from ..cpu_isa import cpu_kernels
+    from .fingerprint import code_fingerprint, files_fingerprint
     from .manifest import digest
 
     task = get_task(manifest.task)
@@ -110,6 +114,9 @@ def outputs_key(manifest, teacher: nn.Module, names: list[str], micro_batch: int
         "device": device().type,
         "amp": runtime.amp,
         "torch": torch.__version__,
+        "cpu_kernels": cpu_kernels(),
+        # the code that computes the features: the teacher's stage (model, data, task) and this module
+        "code": [code_fingerprint("teacher", manifest.task), files_fingerprint([CODE])[0]],
     }
     if _reads_student_batch(task):
         spec["student"] = hash_spec(manifest.student)

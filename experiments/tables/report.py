@@ -340,7 +340,8 @@ def markdown(
             f"(seed 0). Students: {s.iterations} iterations at batch {s.batch_size}, {s.optimizer} lr {s.lr} "
             f"{s.schedule}, the same recipe for every method; seeds {m.protocol.seeds}. "
             f"Tokens: {m.tokens.num_tokens} per level, {m.tokens.iterations} iterations. "
-            f"Reported: the {m.protocol.checkpoint} checkpoint on the {m.protocol.eval_split} split, no selection"
+            + _starts(m)
+            + f"Reported: the {m.protocol.checkpoint} checkpoint on the {m.protocol.eval_split} split, no selection"
             + (" (every choice made on val)." if m.protocol.eval_split == "test" else ".")
         )
         tuned = protocol_line(list(choices), m)
@@ -355,7 +356,8 @@ def markdown(
         "- The teacher and the receptive tokens are one run each (seed 0): their variance is not in the intervals.",
         "- 'added params': parameter elements the method adds during training (align convs, FGD's GcBlocks, "
         "MasKD's frozen tokens and head); none are kept at inference. 'step time ×': mean training-step time "
-        "relative to the baseline student's (teacher forward included for distillation methods).",
+        "relative to the baseline student's (the teacher's forward, or the look-up of its cached features, "
+        "included for distillation methods).",
         "- 'paper': the number of the corresponding real setting (COCO / Cityscapes, see "
         "`experiments/tables/paper.py` for sources); its Δ is the paper's gain over its own baseline. The embedded "
         "numbers are not comparable in absolute terms, only in sign and rough size.",
@@ -363,6 +365,20 @@ def markdown(
         + (f" Wall time of this table: {wall_time_s / 60:.1f} min (reused runs cost nothing)." if wall_time_s else ""),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _starts(m: Manifest) -> str:
+    """Where the models start and where the teacher's features come from, in a sentence or two."""
+    p = m.pretrain
+    out = (
+        f"Teacher and student bodies start from their own digit-classification pretraining ({p.iterations} "
+        f"iterations at batch {p.batch_size}, {p.num_images} images of {p.image_size} px; `[pretrain]`). "
+        if p.enabled
+        else "Models start from scratch. "
+    )
+    if m.distill.teacher_cache:
+        out += "The teacher's features of each training image are computed once per teacher and looked up. "
+    return out
 
 
 def findings(sub: pd.DataFrame, task: str) -> list[str]:
