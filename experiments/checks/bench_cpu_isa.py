@@ -162,12 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.record:
         fingerprint_path.write_text(json.dumps(record, indent=2) + "\n")
     committed = json.loads(fingerprint_path.read_text()) if fingerprint_path.is_file() else None
-    if committed is None or committed.get("steps") != args.steps:
+    if args.record:
+        versus = f"recorded by this run on {machine['cpu']} (`--record`); other machines compare with it"
+    elif committed is None or committed.get("steps") != args.steps:
         versus = "no fingerprint for these steps to compare with (run with --record to write one)"
     elif committed["weights_sha256"] == record["weights_sha256"]:
         versus = f"**bit-identical** to the fingerprint recorded on {committed['recorded_on']['cpu']}"
     else:
         versus = f"**differs** from the fingerprint recorded on {committed['recorded_on']['cpu']}"
+    if committed is not None and not args.record:
+        versus += f" (`{committed['recorded_on']['vector_isa']}` there, `{machine['vector_isa']}` here)"
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [

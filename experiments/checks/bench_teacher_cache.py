@@ -223,8 +223,9 @@ def write_reports(
         "live and cached runs interleaved per method, in one process.",
         "- Fill: every training image's teacher features, once, in batches of the training micro-batch (what keeps "
         "the cached path bitwise equal to the live one). `fill / live cwd steps`: how many CWD steps the cache "
-        "must serve to repay its fill (one student run of the default manifests is 500 steps; every method and "
-        "seed of a table reuses one fill).",
+        "must serve to repay its fill (one student run of the default manifests is "
+        + " / ".join(f"{load_manifest(name).student_train.iterations} ({task})" for task, name in MANIFESTS.items())
+        + " steps; every method, weight and seed of a table reuses one fill).",
     ]
     tmp_md.write_text("\n".join(lines) + "\n")
     tmp_csv.replace(csv_path)
