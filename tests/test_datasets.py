@@ -66,16 +66,28 @@ def folder(tmp_path_factory):
     return write_folder(tmp_path_factory.mktemp("folder"))
 
 
+#: What the smoke manifests take from the embedded scenes and real data lacks: a test split, the digit pretraining
+#: and (with random transforms) the teacher-output cache.
+EMBEDDED_ONLY_OFF = ["protocol.eval_split=val", "pretrain.enabled=false", "distill.teacher_cache=false"]
+
+
 def coco_sets(root, *more):
-    return ["data.kind=coco", f"data.root={root}", "data.image_size=128", "data.max_size=160", *more]
+    return [
+        "data.kind=coco",
+        f"data.root={root}",
+        "data.image_size=128",
+        "data.max_size=160",
+        *EMBEDDED_ONLY_OFF,
+        *more,
+    ]
 
 
 def cityscapes_sets(root, *more):
-    return ["data.kind=cityscapes", f"data.root={root}", "data.crop_size=[64, 64]", *more]
+    return ["data.kind=cityscapes", f"data.root={root}", "data.crop_size=[64, 64]", *EMBEDDED_ONLY_OFF, *more]
 
 
 def folder_sets(root, *more):
-    return ["data.kind=folder", f"data.root={root}", CLASSES, "data.crop_size=[64, 64]", *more]
+    return ["data.kind=folder", f"data.root={root}", CLASSES, "data.crop_size=[64, 64]", *EMBEDDED_ONLY_OFF, *more]
 
 
 def refused(name, sets) -> str:
@@ -115,7 +127,7 @@ def test_a_toy_kind_registered_in_one_place_is_a_manifest_choice(tmp_path):
     register(Toy())
     try:
         assert kind_names("detection") == ["embedded", "coco", "toy"]
-        m = load_manifest(DET, sets=["data.kind=toy", "data.image_size=64"])
+        m = load_manifest(DET, sets=["data.kind=toy", "data.image_size=64", *EMBEDDED_ONLY_OFF])
         assert m.data == ToyConfig(64) and kind_of(m.data).name == "toy" and m.flat()["data.kind"] == "toy"
         assert m.teacher.num_classes == 6 and m.student.image_size == 64
     finally:
@@ -151,13 +163,14 @@ def test_embedded_is_the_default_and_gives_the_same_data_as_before(tmp_path):
 
 def test_changing_the_kind_starts_the_data_section_afresh(coco, tmp_path):
     # the smoke manifest's [data] (num_train, num_val, image_size 128) is for the embedded kind: dropped
-    m = load_manifest(DET, sets=["data.kind=coco", f"data.root={coco}"])
+    m = load_manifest(DET, sets=["data.kind=coco", f"data.root={coco}", *EMBEDDED_ONLY_OFF])
     assert (m.data.image_size, m.data.max_size, m.data.workers, m.data.limit_train) == (800, 1333, 2, 0)
     assert m.teacher.image_size == m.student.image_size == 800
     # the same in a child manifest file
     (tmp_path / "mine.toml").write_text(
         f'base = "{MANIFEST_DIR / (DET + ".toml")}"\n[data]\nkind = "coco"\nroot = "{coco}"\nimage_size = 96\n'
-        "max_size = 160\n"
+        'max_size = 160\n[protocol]\neval_split = "val"\n[pretrain]\nenabled = false\n'
+        "[distill]\nteacher_cache = false\n"
     )
     m = load_manifest(tmp_path / "mine.toml")
     assert m.data.image_size == 96 and m.teacher.image_size == 96
@@ -307,9 +320,13 @@ def test_a_mask_of_another_size_than_its_image_is_refused(cityscapes, folder, tm
 
 
 def test_check_data_false_loads_a_manifest_without_its_data(coco):
-    m = load_manifest(DET, sets=["data.kind=coco"], check_data=False)  # no root: nothing on disk is read
+    m = load_manifest(
+        DET, sets=["data.kind=coco", *EMBEDDED_ONLY_OFF], check_data=False
+    )  # no root: nothing on disk is read
     assert m.data.root == "" and m.teacher.num_classes == 11  # COCO's classes need the file: the manifest's value
-    m = load_manifest(SEG, sets=["data.kind=cityscapes", "data.crop_size=[64, 64]"], check_data=False)
+    m = load_manifest(
+        SEG, sets=["data.kind=cityscapes", "data.crop_size=[64, 64]", *EMBEDDED_ONLY_OFF], check_data=False
+    )
     assert m.teacher.num_classes == 19  # known without the files
     assert load_manifest(DET, sets=coco_sets(coco), check_data=False).teacher.num_classes == 4
     with pytest.raises(ManifestError, match="data.limit_val"):  # ranges are still checked
