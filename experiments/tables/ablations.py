@@ -32,13 +32,19 @@ from ..engine.executors import Executor, LocalExecutor, StageGraph
 from ..engine.manifest import Manifest, _merge, load_manifest
 from ..engine.pipeline import Pipeline, count_stages
 from ..engine.tracking import Tracker, parent_tags
+from .export import EXPORT_NAME, read_export
 from .report import ALPHA, _fmt, _p, ci95, on_split, paired, primary_metric, runs_frame, write_table
 from .reproduce import TableError, environment_line
+from .tuning import choose, loss_weight, tunes
 
 #: Student iterations of the default ablation profile (as the main table).
 ABLATION_ITERATIONS = 300
 #: Student seeds of the default ablation profile (the main table has five; the issue accepts three here).
 ABLATION_SEEDS = [0, 1, 2]
+#: Where the default profile takes MasKD's loss weight from: the main table's shipped record, whose equal tuning
+#: budget chose a multiplier of the calibrated weight on val (reports/embedded/tuning.md). The ablations vary other
+#: knobs around that choice, so they make no weight choice of their own and never look at test to make one.
+MAIN_TABLE_EXPORT = Path("reports") / "embedded" / EXPORT_NAME
 #: The official FCOS config switches the student masks on after 5000 of ~176k iterations (2.8%).
 OFFICIAL_WARMUP_SHARE = 5000 / 176_000
 
@@ -57,7 +63,8 @@ class Ablation:
     manifest: str  # shipped manifest the variants change
     variants: tuple[Variant, ...]
     why: str  # why this task, in the table's protocol note
-    base_overrides: dict[str, Any] = field(default_factory=dict)  # the profile's run lengths
+    base_overrides: dict[str, Any] = field(default_factory=dict)  # the profile's run lengths and MasKD weight
+    weight_note: str = ""  # where MasKD's loss weight comes from, in the table's protocol
 
     def manifests(self) -> list[tuple[Variant, Manifest]]:
         """Every variant's manifest, all resolved and checked before any work starts."""
@@ -94,20 +101,22 @@ def build_ablations(profile: str = "default") -> dict[str, Ablation]:
         seg: ABLATION_ITERATIONS if profile == "default" else load_manifest(seg).student_train.iterations,
     }
     det_warmup = max(1, round(OFFICIAL_WARMUP_SHARE * iterations[det]))
-    # Three seeds (the main table has five) and MasKD at its calibrated weight: the ablations' budget.
+    # Three seeds (the main table has five): the ablations' budget. MasKD at the weight the main table chose on val.
     seeds = {"seeds": ABLATION_SEEDS} if profile == "default" else {}
+    multipliers = main_table_multipliers(Path.cwd() / MAIN_TABLE_EXPORT) if profile == "default" else {}
+    weights = {name: maskd_weight(name, multipliers.get(name, 1.0)) for name in (det, seg)}
     base = {
         det: {
             "student_train": {"iterations": iterations[det]},
-            "maskd": {"custom_mask_warmup": det_warmup},
+            "maskd": {"custom_mask_warmup": det_warmup, **weights[det][0]},
             "protocol": seeds,
         },
-        seg: {"student_train": {"iterations": iterations[seg]}, "protocol": seeds},
+        seg: {"student_train": {"iterations": iterations[seg]}, "maskd": weights[seg][0], "protocol": seeds},
     }
     seg_why = "segmentation: the knob exists in both tasks and a segmentation student step is ~25% cheaper"
 
     def ablation(knob, title, manifest, variants, why) -> Ablation:
-        return Ablation(knob, title, manifest, tuple(variants), why, base[manifest])
+        return Ablation(knob, title, manifest, tuple(variants), why, base[manifest], weights[manifest][1])
 
     items = [
         ablation(
@@ -197,6 +206,38 @@ def build_ablations(profile: str = "default") -> dict[str, Ablation]:
     ]
     by_knob = {a.knob: a for a in items}
     return {knob: by_knob[knob] for knob in ABLATION_NAMES}  # the order they run in
+
+
+def main_table_multipliers(export: Path) -> dict[str, float]:
+    """Manifest name -> the multiplier of MasKD's calibrated loss weight that the main table's tuning chose on val,
+    read from the main table's shipped record (the same choice :func:`experiments.tables.tuning.choose` makes)."""
+    if not export.is_file():
+        raise TableError(
+            f"{export}: the main table's shipped record is missing; the default ablations take MasKD's loss weight "
+            "from its val tuning (run `nox -s reproduce_table` first, or check out reports/)"
+        )
+    record, runs = read_export(export)
+    frame = runs_frame(runs)
+    out = {}
+    for name in record.manifests:
+        m = load_manifest(name)
+        if tunes(m) and "maskd" in m.methods:
+            out[name] = choose(frame, m)["maskd"].multiplier
+    return out
+
+
+def maskd_weight(manifest: str, multiplier: float) -> tuple[dict[str, Any], str]:
+    """The ``maskd`` overrides that put its loss weight at ``multiplier`` times the calibrated value (none for 1),
+    and the protocol's sentence about it."""
+    m = load_manifest(manifest)
+    calibrated = loss_weight(m, "maskd")
+    if multiplier == 1.0:
+        return {}, f"MasKD loss weight {calibrated:.3g} (the manifest's calibrated value)"
+    return (
+        {"loss_weight": calibrated * multiplier},  # the product tuning.scaled forms: the main table's runs are reused
+        f"MasKD loss weight {calibrated * multiplier:.3g} (×{multiplier:g} of the calibrated {calibrated:.3g}, "
+        "chosen on val by the main table's tuning, `reports/embedded/tuning.md`)",
+    )
 
 
 # ------------------------------------------------------------------------------------------ running
