@@ -156,3 +156,46 @@ def test_compare_page_screenshot_in_headless_chromium(smoke_masks, tmp_path):
     uri, _, _ = smoke_masks
     png = screenshot_compare("masks", uri, tmp_path / "compare.png")
     assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 50_000
+
+
+def test_ablation_tables_rebuild_from_their_export_alone(smoke_masks, tmp_path):
+    """Each ablation ships ``<knob>.runs.jsonl``; ``nox -s tables`` (rebuild_tables) rewrites the table and plot
+    from it, byte for byte, and the check names a table edited by hand."""
+    from experiments.tables.reproduce import rebuild_tables
+
+    _, tmp, done = smoke_masks
+    ((knob, csv_path, md_path, png, _),) = done
+    out = tmp_path / "reports"
+    shutil.copytree(csv_path.parent, out)
+    export = out / f"{knob}.runs.jsonl"
+    assert export.is_file()
+    assert ab.write_ablation_table(export, check=True) == []
+    assert rebuild_tables(out, check=True)[1] == []
+    (out / md_path.name).write_text(md_path.read_text().replace("Ablation", "Ablatoin"))
+    (out / png.name).unlink()
+    assert sorted(rebuild_tables(out, check=True)[1]) == sorted([out / md_path.name, out / png.name])
+    rebuild_tables(out)
+    assert rebuild_tables(out, check=True)[1] == []
+    assert (out / png.name).read_bytes() == png.read_bytes()
+
+
+def test_default_ablations_take_maskd_weight_from_the_main_tables_val_choice(tmp_path):
+    from experiments.engine.manifest import load_manifest
+    from experiments.tables.export import read_export
+    from experiments.tables.tuning import choose
+
+    record, runs = read_export(ab.Path.cwd() / ab.MAIN_TABLE_EXPORT)
+    frame = ab.runs_frame(runs)
+    table = build_ablations("default")
+    for a in table.values():
+        m = load_manifest(a.manifest)
+        expected = choose(frame, m)["maskd"].multiplier
+        assert ab.multiplier_of(a) == expected
+        assert all(v.maskd.loss_weight == m.maskd.loss_weight * expected for _, v in a.manifests())
+        assert "chosen on val" in a.weight_note or expected == 1.0
+    assert (
+        build_ablations("default", {})["masks"].reference().maskd.loss_weight
+        == load_manifest("embedded_detection").maskd.loss_weight
+    )
+    with pytest.raises(TableError, match="main table's shipped record is missing"):
+        ab.main_table_multipliers(tmp_path / "runs.jsonl")

@@ -55,3 +55,16 @@ def test_a_manifest_changed_since_the_table_is_refused(export):
         verify_teacher(export, "segmentation", progress=False)
     with pytest.raises(ExportError, match="no detection teacher run"):
         verify_teacher(export, "detection", progress=False)
+
+
+def test_another_teacher_seed_gives_the_seed_spread(export, capsys):
+    """--seed 1 trains the same stage at another seed: its metrics differ from the table's seed-0 teacher, and the
+    command reports the spread with exit status 0 (a measurement, not a reproduction check)."""
+    from experiments.cli import main
+
+    rows, where = verify_teacher(export, "segmentation", progress=False, seed=1)
+    assert "teacher seed 1" in where
+    assert {"mIoU", "test/mIoU"} <= {r.metric for r in rows}
+    assert not all(r.equal for r in rows)  # another seed trains another teacher
+    assert main(["verify-teacher", str(export), "--task", "segmentation", "--seed", "1", "--no-progress"]) == 0
+    assert "teacher seed 1 against the table's seed 0" in capsys.readouterr().out

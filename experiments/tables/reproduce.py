@@ -135,7 +135,15 @@ def _same(committed: Path, fresh: Path) -> bool:
 def rebuild_tables(reports: Path, check: bool = False) -> tuple[list[Path], list[Path]]:
     """Every table under ``reports`` that has a shipped export beside it, rebuilt from the export (``nox -s
     tables``); with ``check``, only compared. Returns (tables handled, tables that differ)."""
+    from .ablations import write_ablation_table  # it builds on this module
+
     handled, differing = [], []
+    for export in sorted(reports.rglob(f"*.{EXPORT_NAME}")):  # an ablation's record: <knob>.runs.jsonl
+        result = write_ablation_table(export, check=check)
+        stem = export.name[: -len(EXPORT_NAME) - 1]
+        handled += [export.parent / f"{stem}{suffix}" for suffix in (".csv", ".md", ".png")]
+        if check:
+            differing += result
     for export in sorted(reports.rglob(EXPORT_NAME)):
         out_dir = export.parent
         result = write_main_table(out_dir, check=check)

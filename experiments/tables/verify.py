@@ -6,6 +6,11 @@ reads the teacher's run from the table's export (``runs.jsonl``), checks that th
 stage (same ``config_hash``), and trains it again from nothing — pretraining and scenes included, in a throwaway
 cache and MLflow store, so nothing on this machine is reused — then compares every metric that is not a duration,
 bit for bit. The exit status says whether they are all equal.
+
+Where bit-identity cannot be had (two CPU families whose kernels round differently), ``--seed N`` measures what such
+a difference is worth: it trains the same teacher at another seed on this machine and sets its metrics beside the
+exported ones — the spread of two teacher seeds. The pretrained backbones (their own ``pretrain.seed``) are not
+what it varies; they are reused from this machine's cache where they are there.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ..engine.manifest import load_manifest
 from ..engine.paths import CACHE_ENV_VAR
 from ..engine.pipeline import Pipeline, teacher_hash
 from ..engine.tracking import Tracker, parent_tags
+from ..engine.training import train_model
 from .export import ExportError, read_export
 
 UNTIMED = ("time", "seconds", "_s/")  # durations differ on every machine; everything else must not
@@ -73,9 +79,9 @@ def _fresh_cache() -> Iterator[Path]:
                 os.environ[CACHE_ENV_VAR] = before
 
 
-def verify_teacher(export: Path, task: str, progress: bool = True) -> tuple[list[Comparison], str]:
-    """Retrain ``task``'s teacher of the table exported in ``export``; returns the comparisons and a line naming
-    where each side was computed."""
+def verify_teacher(export: Path, task: str, progress: bool = True, seed: int = 0) -> tuple[list[Comparison], str]:
+    """Retrain ``task``'s teacher of the table exported in ``export`` (at ``seed``: the table's teacher is seed 0);
+    returns the comparisons and a line naming where each side was computed."""
     _, manifest_name, run = exported_teacher(export, task)
     m = load_manifest(manifest_name)
     shipped, exported_hash = teacher_hash(m), run.data.tags.get("config_hash")
@@ -84,16 +90,20 @@ def verify_teacher(export: Path, task: str, progress: bool = True) -> tuple[list
             f"{export}: {manifest_name} now makes teacher {shipped}, the export's teacher is {exported_hash} "
             "(the manifest changed since the table; rerun the table)"
         )
-    with _fresh_cache() as tmp:
-        tracker = Tracker(f"sqlite:///{tmp / 'mlflow.db'}")
-        pipeline = Pipeline(tracker, progress=progress, reuse=False)
-        with tracker.run(f"verify/{task}/teacher", parent_tags("verify", task), {}) as parent:
-            outcome = pipeline.teacher(m, parent.info.run_id)
-        retrained = tracker.client.get_run(outcome.run_id).data.metrics  # final values, as the export holds them
+    if seed != 0:  # another seed of the same stage: the pipeline knows only the table's teacher (seed 0)
+        retrained = train_model(m, "teacher", seed, log=lambda metrics, step: None, progress=progress).metrics
+    else:
+        with _fresh_cache() as tmp:
+            tracker = Tracker(f"sqlite:///{tmp / 'mlflow.db'}")
+            pipeline = Pipeline(tracker, progress=progress, reuse=False)
+            with tracker.run(f"verify/{task}/teacher", parent_tags("verify", task), {}) as parent:
+                outcome = pipeline.teacher(m, parent.info.run_id)
+            retrained = tracker.client.get_run(outcome.run_id).data.metrics  # final values, as the export holds
     exported = {k: float(v) for k, v in run.data.metrics.items() if not timed(k)}
     rows = [Comparison(k, v, float(retrained.get(k, math.nan))) for k, v in sorted(exported.items())]
     where = (
         f"exported: {run.data.tags.get('cpu_kernels', 'kernels not recorded')}, torch "
         f"{run.data.tags.get('torch_version', '?')}; retrained here: {cpu_kernels()}"
+        + (f", teacher seed {seed} (the table's is 0)" if seed else "")
     )
     return rows, where
