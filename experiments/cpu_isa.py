@@ -5,7 +5,14 @@ AVX-512), oneDNN's convolutions (up to AVX-512 / AMX) and MKL's BLAS each take a
 paths sum floating-point numbers in different orders. The same manifest then trains a slightly different teacher
 on an AVX-512 machine than on an AVX2-only one, and every student distilled from it inherits the difference
 (issue 9 measured 41.84 vs 39.50 mIoU for one segmentation teacher). Pinning the three libraries to AVX2, which
-every x86-64 server of the last decade has, makes the choice the same everywhere.
+every x86-64 server of the last decade has, makes the libraries' choice of code path the same everywhere.
+
+That is not enough for the same bits on every x86-64 machine. Measured (``nox -s bench_cpu_isa`` against the
+fingerprint in ``reports/cpu_isa_fingerprint.json``, and the committed tables' teachers retrained): pinned runs on
+an Intel Xeon (AMX) and an AMD EPYC (AVX-512) differ from the second logged step on, and the embedded teachers
+trained on the two came out 37.50 vs 33.73 test mAP and 52.71 vs 53.65 test mIoU. Likely causes, not isolated:
+oneDNN sizes its blocking to the caches it finds, and MKL's reproducibility branches are guaranteed for Intel
+processors only. Within one machine the pin keeps runs bit-identical, as they were without it.
 
 The variables are read when each library first runs a kernel, so they are set when ``experiments`` is imported,
 before any tensor work. A value already in the environment wins; ``MASKD_BENCH_CPU_ISA=native`` leaves the
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 
 OPT_OUT = "MASKD_BENCH_CPU_ISA"
 
@@ -47,3 +55,25 @@ def cpu_kernels() -> str:
         return f"native ({platform.machine()})"
     short = {"ATEN_CPU_CAPABILITY": "aten", "ONEDNN_MAX_CPU_ISA": "onednn", "MKL_CBWR": "mkl"}
     return " ".join(f"{short[name]}={value or 'native'}" for name, value in values.items())
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_vector_isa() -> str:
+    """The widest vector extension the processor reports (avx512f, avx2, ...), from /proc/cpuinfo."""
+    try:
+        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return "unknown"
+    for isa in ("amx_tile", "avx512f", "avx2", "avx", "sse4_2"):
+        if isa in flags:
+            return isa
+    return "none"

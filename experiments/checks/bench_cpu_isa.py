@@ -23,39 +23,18 @@ import csv
 import hashlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from experiments.cpu_isa import cpu_model, cpu_vector_isa
+
 MANIFEST = "embedded_segmentation"
 FINGERPRINT = "cpu_isa_fingerprint.json"
 MODES = ("pinned", "native")
 SKIPPED_STEPS = 2  # the loader's first batch and the allocator's first steps are not timed
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_vector_isa() -> str:
-    """The widest vector extension the processor reports (avx512f, avx2, ...), from /proc/cpuinfo."""
-    try:
-        flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return "unknown"
-    for isa in ("amx_tile", "avx512f", "avx2", "avx", "sse4_2"):
-        if isa in flags:
-            return isa
-    return "none"
 
 
 # ------------------------------------------------------------------------------------------ one child

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..cpu_isa import cpu_kernels
+from ..cpu_isa import cpu_kernels, cpu_model
 from ..engine.executors import Executor, LocalExecutor, StageGraph
 from ..engine.manifest import Manifest, load_manifest
 from ..engine.pipeline import Pipeline
@@ -46,7 +46,7 @@ def default_out_dir(profile: str) -> Path:
 
 def environment_line() -> str:
     return (
-        f"torch {torch.__version__} on {platform.machine()} CPU, {os.cpu_count()} cores, "
+        f"torch {torch.__version__} on {platform.machine()} CPU ({cpu_model()}), {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads, CPU kernels {cpu_kernels()}, Python {platform.python_version()}"
         + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     )
