@@ -440,8 +440,8 @@ def _delta(row, against: str) -> str:
 
 
 def _significant(row, against: str) -> bool:
-    """Holm-adjusted p below α (the raw p where a table predates the correction)."""
-    p = getattr(row, f"p_vs_{against}_holm", getattr(row, f"p_vs_{against}", math.nan))
+    """Holm-adjusted p below α (:func:`ablation_table` adjusts every comparison)."""
+    p = getattr(row, f"p_vs_{against}_holm", math.nan)
     return isinstance(p, float) and not math.isnan(p) and p < ALPHA
 
 
