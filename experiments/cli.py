@@ -113,13 +113,10 @@ def _runtime(args: argparse.Namespace):
 
 def _executor(args: argparse.Namespace):
     """``--executor``: the stage graph in this process, or as Ray tasks on ``--ray-address``."""
-    import torch
-
     from experiments.engine.executors import make_executor
 
-    stage_cpus = args.stage_cpus or torch.get_num_threads()  # default: the local executor's threads, same numbers
     return make_executor(
-        args.executor, args.ray_address, stage_cpus, args.stage_gpus, args.ray_cpus, args.device, args.amp
+        args.executor, args.ray_address, args.stage_cpus, args.stage_gpus, args.ray_cpus, args.device, args.amp
     )
 
 
@@ -368,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(func=_bench_losses)
 
-    def tracking_args(p: argparse.ArgumentParser) -> None:
+    def tracking_args(p: argparse.ArgumentParser, executor: str = "local") -> None:
         p.add_argument(
             "--tracking-uri",
             default=None,
@@ -387,9 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--executor",
             choices=["local", "ray"],
-            default="local",
-            help="local (default): every stage in this process, one after another; ray: each stage a Ray task, "
-            "started when its inputs exist (README: Beyond one machine)",
+            default=executor,
+            help="local: every stage in this process, one after another; ray: each stage a Ray task, started "
+            "when its inputs exist, as many at once as the cluster has CPUs for (README: Beyond one machine); "
+            f"default {executor}",
         )
         p.add_argument(
             "--ray-address",
@@ -400,10 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--stage-cpus",
             type=int,
-            default=None,
-            help="with --executor ray: CPUs per stage, also its torch threads (default: the threads the local "
-            "executor uses, so the numbers are the local executor's; fewer runs more stages at once, with another "
-            "float reduction order)",
+            default=1,
+            help="torch threads of each stage, with either executor, and its CPUs in Ray (default 1: the same "
+            "numbers on a laptop and on a 64-core node, which runs more stages at once). Another count sums "
+            "floats in another order: other results, another run hash",
         )
         p.add_argument(
             "--stage-gpus",
@@ -444,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile_arg(rep, "the full table (~50 min on 2 cores)", "reports/embedded/")
     rep.add_argument("--out", type=Path, default=None, help="directory for main_table.md/.csv")
-    tracking_args(rep)
+    tracking_args(rep, executor="ray")
     rep.set_defaults(func=_reproduce)
 
     abl = sub.add_parser(
@@ -462,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile_arg(abl, "the committed tables (~2 h on 2 cores from a cached teacher)", "reports/embedded/ablations/")
     abl.add_argument("--out", type=Path, default=None, help="directory for the tables and plots")
-    tracking_args(abl)
+    tracking_args(abl, executor="ray")
     abl.set_defaults(func=_ablations)
 
     shot = sub.add_parser(
@@ -578,6 +576,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {why}", file=sys.stderr)
             return 2
     debug = getattr(args, "debug", False)
+    stage_cpus = getattr(args, "stage_cpus", None)
+    if stage_cpus is not None:  # every stage this process runs, whatever the command (the threads are in its hash)
+        if stage_cpus < 1:
+            print(f"error: --stage-cpus {stage_cpus}: must be at least 1", file=sys.stderr)
+            return 2
+        import torch
+
+        torch.set_num_threads(stage_cpus)
     reuse_stale = getattr(args, "reuse_stale", False)
     if reuse_stale:
         from experiments.engine import pipeline

@@ -11,7 +11,7 @@ import torch
 from experiments.cli import main
 from experiments.engine import stages
 from experiments.engine.manifest import load_manifest
-from experiments.engine.pipeline import student_hash, with_amp
+from experiments.engine.pipeline import student_hash, with_runtime
 from experiments.tasks import get_task
 
 
@@ -46,11 +46,15 @@ def test_to_device_moves_nested_targets_and_context_restores():
     assert stages.current_runtime().amp == "none"
 
 
-def test_bf16_hashes_differ_and_float32_hashes_do_not_depend_on_device():
+def test_amp_and_cpu_thread_counts_are_other_runs():
     m = load_manifest("embedded_segmentation_smoke")
     h = student_hash(m, "maskd", 0)
-    assert with_amp(h, stages.Runtime("cpu")) == h
-    assert with_amp(h, stages.Runtime("cpu", "bf16")) != h
+    one = with_runtime(h, stages.Runtime("cpu"), threads=1)
+    assert one == with_runtime(h, stages.Runtime("cpu"), threads=1)  # a pure function of config and runtime
+    assert len({h, one, with_runtime(h, stages.Runtime("cpu"), threads=2)}) == 3
+    assert with_runtime(h, stages.Runtime("cpu", "bf16"), threads=1) != one
+    torch.set_num_threads(1)  # default: this process's threads
+    assert with_runtime(h, stages.Runtime("cpu")) == one
 
 
 def test_bf16_autocast_trains_a_student_on_the_cpu(tmp_path_factory, monkeypatch):

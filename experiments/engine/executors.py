@@ -221,11 +221,19 @@ def _tick(overall: tqdm | None, label: str) -> None:
 
 
 class LocalExecutor(Executor):
-    """The graph in order in this process, weights passed in memory: the suite's behaviour before executors."""
+    """The graph in order in this process, weights passed in memory, with ``threads`` torch threads (default:
+    leave the process's setting)."""
 
     name = "local"
 
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
     def run(self, graph, pipeline, parent_id, overall=None):
+        if self.threads is not None:
+            import torch
+
+            torch.set_num_threads(self.threads)
         results: dict[str, StageResult] = {}
         for node in graph.nodes.values():
             teacher = results[node.teacher].state_dict if node.teacher else None
@@ -311,6 +319,7 @@ class RayExecutor(Executor):
     ) -> None:
         self.address = address
         self.stage_cpus = stage_cpus
+        self.threads = stage_cpus  # torch threads of each stage
         self.stage_gpus = stage_gpus if stage_gpus or not device.startswith("cuda") else 1
         self.local_cpus = local_cpus
         self.max_retries = max_retries
@@ -469,7 +478,7 @@ def make_executor(
     amp: str = "none",
 ) -> Executor:
     if name == "local":
-        return LocalExecutor()
+        return LocalExecutor(stage_cpus)
     if name == "ray":
         return RayExecutor(address, stage_cpus, stage_gpus, local_cpus, device=device, amp=amp)
     raise ValueError(f"executor {name!r} is not one of {', '.join(EXECUTORS)}")

@@ -182,9 +182,17 @@ def student_hash(m: Manifest, method: str, seed: int) -> str:
     return digest(spec)
 
 
-def with_amp(config_hash: str, runtime: stages.Runtime) -> str:
-    """bf16 runs are different results: their hash differs; float32 hashes are the same on every device."""
-    return config_hash if runtime.amp == "none" else digest({"hash": config_hash, "amp": runtime.amp})
+def with_runtime(config_hash: str, runtime: stages.Runtime, threads: int | None = None) -> str:
+    """The stage's hash under ``runtime``: bf16/fp16 runs are other results, and so are CPU runs with another
+    number of torch threads (``threads``, default: this process's), whose kernels split their sums differently.
+    The thread count is what the executors set per stage (``--stage-cpus``, default 1), so a table's numbers do
+    not depend on how many cores the machine has; on CUDA it does not enter."""
+    spec: dict[str, object] = {"hash": config_hash}
+    if runtime.amp != "none":
+        spec["amp"] = runtime.amp
+    if torch.device(runtime.device).type == "cpu":
+        spec["threads"] = threads if threads is not None else torch.get_num_threads()
+    return config_hash if len(spec) == 1 else digest(spec)
 
 
 def stage_fingerprint(m: Manifest, kind: str, method: str | None = None) -> str:
@@ -315,6 +323,7 @@ class Pipeline:
             "device": self.runtime.device,
             "amp": self.runtime.amp,
             "cpu_kernels": cpu_kernels(),  # the pinned instruction set of the CPU kernels (experiments.cpu_isa)
+            "torch_threads": str(torch.get_num_threads()),  # part of a CPU run's hash (with_runtime)
             **self.labels,
         }
 
@@ -373,7 +382,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------------------------------- stages
     def teacher(self, m: Manifest, parent_id: str) -> StageOutcome:
-        h = with_amp(teacher_hash(m), self.runtime)
+        h = with_runtime(teacher_hash(m), self.runtime)
         fp = stage_fingerprint(m, "teacher")
         key = stage_key(h, fp)
         tags = self._common_tags(m, "teacher", "teacher", 0, h, fp)
@@ -413,7 +422,7 @@ class Pipeline:
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
     def tokens(self, m: Manifest, teacher_state: dict[str, torch.Tensor], parent_id: str) -> StageOutcome:
-        h = with_amp(tokens_hash(m), self.runtime)
+        h = with_runtime(tokens_hash(m), self.runtime)
         fp = stage_fingerprint(m, "tokens")
         key = stage_key(h, fp)
         tags = self._common_tags(m, "tokens", "maskd", 0, h, fp)
@@ -448,7 +457,7 @@ class Pipeline:
         return StageOutcome(rid, result.metrics, result.state_dict, False)
 
     def student(self, m: Manifest, method: str, seed: int, teacher_state, token_state, parent_id: str) -> StageOutcome:
-        h = with_amp(student_hash(m, method, seed), self.runtime)
+        h = with_runtime(student_hash(m, method, seed), self.runtime)
         fp = stage_fingerprint(m, "student", method)
         key = stage_key(h, fp)
         tags = self._common_tags(m, "student", method, seed, h, fp)

@@ -533,7 +533,7 @@ def run_ablations(
             record = TableRecord(
                 profile=profile,
                 manifests=[a.manifest],
-                environment=environment_line(),
+                environment=environment_line(executor),
                 wall_time_s=wall,
                 parent_run_id=parent_id,
                 extra={"knob": a.knob, "compute_s": compute_seconds(tracker, children), "multipliers": multipliers},

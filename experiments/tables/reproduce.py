@@ -44,10 +44,14 @@ def default_out_dir(profile: str) -> Path:
     return base if profile == "default" else base / profile
 
 
-def environment_line() -> str:
+def environment_line(executor: Executor | None = None) -> str:
+    """Where the runs ran; the torch threads are each stage's (``--stage-cpus``), which are part of its hash."""
+    threads = getattr(executor, "threads", None) or torch.get_num_threads()
+    runner = f", {executor.name} executor" if executor is not None else ""
     return (
         f"torch {torch.__version__} on {platform.machine()} CPU ({cpu_model()}), {os.cpu_count()} cores, "
-        f"{torch.get_num_threads()} torch threads, CPU kernels {cpu_kernels()}, Python {platform.python_version()}"
+        f"{threads} torch thread{'s' if threads != 1 else ''} per stage{runner}, CPU kernels {cpu_kernels()}, "
+        f"Python {platform.python_version()}"
         + (f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "")
     )
 
@@ -203,7 +207,9 @@ def reproduce(
         children = tracker.children(parent_id)
         check_runs(runs_frame(children), manifests)
         # The table is computed from its shipped record, so that `maskd-bench tables` rebuilds it byte for byte.
-        record = TableRecord(profile, [Path(m.source).stem for m in manifests], environment_line(), wall, parent_id)
+        record = TableRecord(
+            profile, [Path(m.source).stem for m in manifests], environment_line(executor), wall, parent_id
+        )
         write_export(out_dir / EXPORT_NAME, record, [r for r in children if r.info.status == "FINISHED"])
         written = write_main_table(out_dir)
         csv_path, md_path = written[0], written[1]

@@ -23,10 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..cpu_isa import cpu_kernels
 from ..engine.manifest import load_manifest
 from ..engine.paths import CACHE_ENV_VAR
-from ..engine.pipeline import Pipeline, teacher_hash
+from ..engine.pipeline import Pipeline, teacher_hash, with_runtime
+from ..engine.runtime import Runtime
 from ..engine.tracking import Tracker, parent_tags
 from ..engine.training import train_model
 from .export import ExportError, read_export
@@ -84,7 +87,15 @@ def verify_teacher(export: Path, task: str, progress: bool = True, seed: int = 0
     returns the comparisons and a line naming where each side was computed."""
     _, manifest_name, run = exported_teacher(export, task)
     m = load_manifest(manifest_name)
-    shipped, exported_hash = teacher_hash(m), run.data.tags.get("config_hash")
+    # The export's teacher ran with this many torch threads (part of its hash); the retrain uses as many. Exports
+    # from before the tag have the thread-free hash.
+    threads = run.data.tags.get("torch_threads")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+        shipped = with_runtime(teacher_hash(m), Runtime(), int(threads))
+    else:
+        shipped = teacher_hash(m)
+    exported_hash = run.data.tags.get("config_hash")
     if shipped != exported_hash:
         raise ExportError(
             f"{export}: {manifest_name} now makes teacher {shipped}, the export's teacher is {exported_hash} "
