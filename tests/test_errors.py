@@ -50,6 +50,14 @@ def test_bad_input_exits_2_in_one_line_and_debug_shows_the_traceback(tmp_path, c
     assert not (tmp_path / "mlflow.db").exists()  # refused before the store was touched
 
 
+def test_stage_cpus_below_one_exits_2_before_any_work(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert main(["run", "embedded_segmentation_smoke", "--tracking-uri", uri, "--stage-cpus", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --stage-cpus 0: must be at least 1"
+    assert not (tmp_path / "mlflow.db").exists()
+    assert torch.get_num_threads() == 1  # untouched (conftest's one thread per worker)
+
+
 class NotATensor:  # a pickled object that torch.load(weights_only=True) refuses
     pass
 

@@ -3,10 +3,10 @@ workers x 1 torch thread), end to end, alternating, in one session: writes ``rep
 
 Each run is the real command (``maskd-bench reproduce`` or ``maskd-bench run``) in a fresh process, on a fresh
 sqlite store and a fresh cache (scenes, checkpoints), so nothing is reused and both pay the same set-up; the local
-executor runs as it always has (torch's default threads: every core). Times: the command's wall clock (imports and
-the Ray cluster's start included) and the table's own ``wall_time_s`` where the command writes one. The ratio is
-this configuration's time / Ray's (above 1: Ray is faster). Each configuration's runs are compared with Ray's,
-metric by metric.
+executor runs with a torch thread per core (``local``) or with one (``local-1t``, the default of ``--stage-cpus``).
+Times: the command's wall clock (imports and the Ray cluster's start included) and the table's own ``wall_time_s``
+where the command writes one. The ratio is this configuration's time / Ray's (above 1: Ray is faster). Each
+configuration's runs are compared with Ray's, metric by metric.
 
     python -m experiments.checks.bench_executors --out reports                       # the smoke table
     python -m experiments.checks.bench_executors --case smoke --case segmentation-1  # + a reduced default
@@ -40,8 +40,8 @@ CASES: dict[str, tuple[list[str], str]] = {
     ),
 }  # fmt: skip
 RAY = ["--executor", "ray", "--ray-address", "local", "--ray-cpus", "2", "--stage-cpus", "1"]
-#: The configurations compared: ``local`` as it always runs (torch's default threads: every core), ``local-1t`` with
-#: one torch thread (the threads of a Ray stage: its metrics are then bitwise those of ``ray``), ``ray``.
+#: The configurations compared: ``local`` with a torch thread per core, ``local-1t`` with one torch thread (the
+#: threads of a Ray stage: its metrics are then bitwise those of ``ray``), ``ray``.
 EXECUTORS = ("local", "local-1t", "ray")
 
 
@@ -62,10 +62,9 @@ def _one(case: str, executor: str, repeat: int, root: Path) -> tuple[Measurement
     work.mkdir(parents=True)
     uri = f"sqlite:///{work / 'mlflow.db'}"
     args = [a.format(uri=uri, out=work / "out") for a in CASES[case][0]]
-    cmd = [sys.executable, "-m", "experiments.cli", *args, "--no-progress", *(RAY if executor == "ray" else [])]
+    local = ["--executor", "local", "--stage-cpus", "1" if executor == "local-1t" else str(os.cpu_count() or 1)]
+    cmd = [sys.executable, "-m", "experiments.cli", *args, "--no-progress", *(RAY if executor == "ray" else local)]
     env = {**os.environ, "MASKD_BENCH_CACHE": str(work / "cache"), "MLFLOW_DISABLE_TELEMETRY": "true"}
-    if executor == "local-1t":
-        env["OMP_NUM_THREADS"] = "1"  # torch's intra-op threads
     load = os.getloadavg()[0]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=work, capture_output=True, text=True)
@@ -193,10 +192,10 @@ def write(
         "",
         "Protocol: each run is the real command in a fresh process, with a fresh sqlite store and a fresh cache, so "
         "every stage is computed (no reuse) and every configuration pays the same data generation. `local`: the "
-        "stages one after another in the driver, torch's default threads (one per core); `local-1t`: the same with "
-        "one torch thread (`OMP_NUM_THREADS=1`), the thread count of a Ray stage here, so its metrics must equal "
-        "Ray's exactly, while `local`'s differ by the order of float reductions, which a few iterations from scratch "
-        "amplify (the smoke numbers are meaningless). `ray`: `--executor ray --ray-address local "
+        "stages one after another in the driver, a torch thread per core (`--stage-cpus` = cores); `local-1t`: the "
+        "same with one torch thread (`--stage-cpus 1`), the thread count of a Ray stage here, so its metrics must "
+        "equal Ray's exactly, while `local`'s differ by the order of float reductions, which a few iterations from "
+        "scratch amplify (the smoke numbers are meaningless). `ray`: `--executor ray --ray-address local "
         "--ray-cpus 2 --stage-cpus 1`, i.e. a Ray cluster started by the command, 2 workers of 1 torch thread; the "
         "end-to-end time includes the cluster's start and each worker's imports. \"table\" is the parent run's "
         "`wall_time_s` (from opening the parent run to the table's runs being done). The machine was shared with "
