@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
             f"(written under {out}smoke/)",
         )
 
-    profile_arg(rep, "the full table (~50 min on 2 cores)", "reports/embedded/")
+    profile_arg(rep, "the full table (~45 min on 2 cores from an empty cache)", "reports/embedded/")
     rep.add_argument("--out", type=Path, default=None, help="directory for main_table.md/.csv")
     tracking_args(rep, executor="ray")
     rep.set_defaults(func=_reproduce)

@@ -1,5 +1,6 @@
-"""The runtime switch (device, bf16 autocast): clear errors before any work, data moved recursively, the CPU
-bf16 path trains finite, and float32 hashes do not depend on the device while bf16 runs get their own."""
+"""The runtime switch (device, bf16 autocast, torch threads): clear errors before any work, data moved
+recursively, the CPU bf16 path trains finite, and bf16 runs and CPU runs with another thread count get their own
+hashes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 import pytest
 import torch
 
-from experiments.cli import main
+from experiments.cli import build_parser, main
 from experiments.engine import stages
 from experiments.engine.manifest import load_manifest
 from experiments.engine.pipeline import student_hash, with_runtime
@@ -65,3 +66,12 @@ def test_bf16_autocast_trains_a_student_on_the_cpu(tmp_path_factory, monkeypatch
         result = stages.train_student(m, "cwd", 0, teacher, None, lambda v, s: None, progress=False)
     assert math.isfinite(result.metrics["mIoU"])
     assert all(v.dtype != torch.bfloat16 for v in result.state_dict.values())  # weights stay float32
+
+
+def test_table_commands_run_stages_in_parallel_with_one_thread_each_by_default():
+    parser = build_parser()
+    for command in ("reproduce", "ablations"):
+        args = parser.parse_args([command])
+        assert (args.executor, args.stage_cpus) == ("ray", 1)
+    args = parser.parse_args(["run", "embedded_segmentation_smoke"])
+    assert (args.executor, args.stage_cpus) == ("local", 1)
