@@ -458,7 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(ABLATION_CHOICES),
         help=f"run only these ablations ({', '.join(ABLATION_CHOICES)}); default: all",
     )
-    profile_arg(abl, "the committed tables (~2 h on 2 cores from a cached teacher)", "reports/embedded/ablations/")
+    profile_arg(abl, "the committed tables (~36 min on 2 cores after the main table)", "reports/embedded/ablations/")
     abl.add_argument("--out", type=Path, default=None, help="directory for the tables and plots")
     tracking_args(abl, executor="ray")
     abl.set_defaults(func=_ablations)

@@ -107,7 +107,7 @@ def build_ablations(profile: str = "default", multipliers: dict[str, float] | No
     seeds = {"seeds": ABLATION_SEEDS} if profile == "default" else {}
     if multipliers is None:
         multipliers = main_table_multipliers(Path.cwd() / MAIN_TABLE_EXPORT) if profile == "default" else {}
-    weights = {name: maskd_weight(name, multipliers.get(name, 1.0)) for name in (det, seg)}
+    weights = {name: maskd_weight(name, multipliers.get(name)) for name in (det, seg)}
     base = {
         det: {
             "student_train": {"iterations": iterations[det]},
@@ -229,18 +229,21 @@ def main_table_multipliers(export: Path) -> dict[str, float]:
     return out
 
 
-def maskd_weight(manifest: str, multiplier: float) -> tuple[dict[str, Any], str]:
-    """The ``maskd`` overrides that put its loss weight at ``multiplier`` times the calibrated value (none for 1),
-    and the protocol's sentence about it."""
+def maskd_weight(manifest: str, multiplier: float | None) -> tuple[dict[str, Any], str]:
+    """The ``maskd`` overrides that put its loss weight at ``multiplier`` times the calibrated value (none for 1;
+    ``None``: no choice was made, the calibrated value), and the protocol's sentence about it."""
     m = load_manifest(manifest)
     calibrated = loss_weight(m, "maskd")
-    if multiplier == 1.0:
+    if multiplier is None:
         return {}, f"MasKD loss weight {calibrated:.3g} (the manifest's calibrated value)"
-    return (
-        {"loss_weight": calibrated * multiplier},  # the product tuning.scaled forms: the main table's runs are reused
-        f"MasKD loss weight {calibrated * multiplier:.3g} (×{multiplier:g} of the calibrated {calibrated:.3g}, "
-        "chosen on val by the main table's tuning, `reports/embedded/tuning.md`)",
+    chosen = (
+        f"×{multiplier:g} of the calibrated {calibrated:.3g}, chosen on val by the main table's tuning, "
+        "`reports/embedded/tuning.md`"
     )
+    if multiplier == 1.0:
+        return {}, f"MasKD loss weight {calibrated:.3g} ({chosen})"
+    # the product tuning.scaled forms: the main table's runs are reused
+    return {"loss_weight": calibrated * multiplier}, f"MasKD loss weight {calibrated * multiplier:.3g} ({chosen})"
 
 
 # ------------------------------------------------------------------------------------------ running
