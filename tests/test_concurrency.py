@@ -13,7 +13,8 @@ import traceback
 import pytest
 
 from experiments.engine.manifest import load_manifest
-from experiments.engine.pipeline import Pipeline, stage_fingerprint, student_hash
+from experiments.engine.pipeline import Pipeline, stage_fingerprint, student_hash, with_runtime
+from experiments.engine.runtime import Runtime
 from experiments.engine.tracking import Tracker, parent_tags
 
 TINY = [
@@ -73,7 +74,8 @@ def test_four_processes_on_a_new_store(tmp_path, monkeypatch):
 
     # A killed owner left a run RUNNING (its pid is gone): the next process to claim that stage marks it FAILED.
     m = load_manifest("embedded_segmentation_smoke", sets=[s for s in TINY if "=" in s])
-    h, fp = student_hash(m, "baseline", 3), stage_fingerprint(m, "student", "baseline")
+    h = with_runtime(student_hash(m, "baseline", 3), Runtime())  # the hash a CPU stage runs under (its threads)
+    fp = stage_fingerprint(m, "student", "baseline")
     dead = procs[0].pid
     abandoned = tracker.client.create_run(
         tracker.experiment_id,
