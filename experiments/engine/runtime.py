@@ -1,7 +1,9 @@
 """Where stages run: the device and precision (:class:`Runtime`), the processes of a ``torchrun`` job
 (:class:`Distributed`), moving batches there and checkpoints back.
 
-Checkpoints and metrics always come back on the CPU, so a run on ``cuda`` is reused by a run on ``cpu``.
+Checkpoints and metrics always come back on the CPU, so a stage's outputs look the same wherever it ran; its
+hash still tells CPU runs (with their torch thread count) from CUDA runs, whose numbers differ
+(:func:`experiments.engine.pipeline.with_runtime`).
 """
 
 from __future__ import annotations
