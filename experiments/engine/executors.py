@@ -319,7 +319,6 @@ class RayExecutor(Executor):
     ) -> None:
         self.address = address
         self.stage_cpus = stage_cpus
-        self.threads = stage_cpus  # torch threads of each stage
         self.stage_gpus = stage_gpus if stage_gpus or not device.startswith("cuda") else 1
         self.local_cpus = local_cpus
         self.max_retries = max_retries
@@ -327,6 +326,11 @@ class RayExecutor(Executor):
         self.amp = amp
         self.lines = lines or (lambda text: tqdm.write(text, file=sys.stderr))  # above the bar, not through it
         self._started = False
+
+    @property
+    def threads(self) -> int:
+        """Torch threads of each stage: its CPUs (:func:`_worker_pipeline` sets them)."""
+        return self.stage_cpus
 
     def _connect(self, tracking_uri: str) -> None:
         import ray
